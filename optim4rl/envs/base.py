@@ -102,13 +102,25 @@ class Env:
         done = jnp.maximum(terminated, truncated)
         ep_return = state.episode_return + reward
         ep_length = state.episode_length + 1
-        reset_inner, reset_obs = self.reset_env(reset_key)
         is_done = done > 0
-        inner = jax.tree.map(lambda r, s: jnp.where(is_done, r, s), reset_inner, inner)
-        obs = jnp.where(is_done, reset_obs, obs).astype(jnp.float32)
+        inner, obs = self.reset_where_done(reset_key, is_done, inner, obs)
         new_state = EnvState(
             inner,
             jnp.where(is_done, 0.0, ep_return),
             jnp.where(is_done, 0, ep_length),
         )
         return new_state, TimeStep(obs, reward, done, truncated, ep_return, ep_length)
+
+    def reset_where_done(
+        self, key: Array, is_done: Array, inner: Any, obs: Array
+    ) -> tuple[Any, Array]:
+        """Auto-reset: the state and observation to continue from after a step.
+
+        The default samples a fresh episode with :meth:`reset_env` and selects it where
+        ``is_done`` (both branches are computed, as ``vmap`` would do anyway). Environments whose
+        reset is expensive (Brax) override this, e.g. to reuse a cached first state.
+        """
+        reset_inner, reset_obs = self.reset_env(key)
+        inner = jax.tree.map(lambda r, s: jnp.where(is_done, r, s), reset_inner, inner)
+        obs = jnp.where(is_done, reset_obs, obs).astype(jnp.float32)
+        return inner, obs

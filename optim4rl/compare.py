@@ -1,0 +1,217 @@
+"""`optim4rl compare`: several optimizers on one or more tasks over many seeds, with statistics.
+
+For every (task, optimizer, step size) the seeds are trained in parallel by one jitted run of
+`optim4rl.training` (seeds are `vmap`ped, so ten seeds cost about one). With several step sizes
+per optimizer the best by mean score is selected. Finished runs are skipped on a re-run, so a
+killed comparison resumes at the granularity of one optimizer run.
+
+Outputs in the comparison directory:
+  results.csv        one row per task x optimizer x step size x seed (score, final return, selected)
+  summary.md         per-task tables (mean, IQM, 90% bootstrap CI, paired tests vs the reference)
+  summary.json       the same numbers, machine-readable
+  curves_TASK.png/.svg   learning curves with 90% bootstrap bands (selected step sizes)
+  scores_TASK.png/.svg   final-score interval plot
+  runs/TASK/OPT/lrLR/    the training run directories
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping
+
+import numpy as np
+
+from optim4rl import training
+from optim4rl.errors import ConfigError
+from optim4rl.runs import RunDir, read_csv, to_jsonable, write_json
+
+DEFAULT_LR = {"a2c": 3e-3, "ppo": 3e-4}
+
+
+@dataclass(frozen=True)
+class CompareSpec:
+    envs: tuple[str, ...]
+    optimizers: tuple[str, ...]
+    agent: Literal["a2c", "ppo"] = "a2c"
+    learning_rates: tuple[float, ...] = ()  # swept for every optimizer without its own "@lr"
+    seeds: int = 10
+    seed: int = 0
+    reference: str = "adam"
+    grad_clip: float | None = 1.0
+    steps: int | None = None
+    agent_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    scale: str = "cpu"
+    paired: bool = True
+    log_chunks: int = 50
+
+    def __post_init__(self):
+        if not self.envs:
+            raise ConfigError("compare needs at least one --env")
+        if not self.optimizers:
+            raise ConfigError("compare needs at least one optimizer")
+        if self.seeds < 2:
+            raise ConfigError("compare needs at least 2 seeds for statistics")
+
+
+def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[float, ...]]:
+    """'adam' or 'adam@1e-3,3e-3' -> (label, optimizer spec, step sizes)."""
+    name, _, lrs = entry.partition("@")
+    if lrs:
+        try:
+            rates = tuple(float(x) for x in lrs.split(","))
+        except ValueError:
+            raise ConfigError(f"bad step sizes in {entry!r}: use NAME@LR[,LR...]") from None
+    else:
+        rates = spec.learning_rates or (DEFAULT_LR[spec.agent],)
+    label = name
+    return label, name, rates
+
+
+def _run_dir(out: Path, env: str, label: str, lr: float) -> Path:
+    safe = label.replace(":", "_").replace("/", "_")
+    return out / "runs" / env / safe / f"lr{lr:g}"
+
+
+def _finished(run_dir: Path, expected: dict) -> bool:
+    summary, config = run_dir / "summary.json", run_dir / "config.json"
+    if not (summary.exists() and config.exists()):
+        return False
+    try:
+        recorded = json.loads(config.read_text())["config"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    return recorded == to_jsonable(expected)
+
+
+def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    from optim4rl.analysis import stats
+
+    out = Path(out)
+    RunDir(out).write_config(spec)
+    entries = [parse_optimizer(e, spec) for e in spec.optimizers]
+    labels = [e[0] for e in entries]
+    if spec.reference not in labels:
+        raise ConfigError(f"reference optimizer {spec.reference!r} is not among the optimizers: {', '.join(labels)}")
+    results_rows: list[dict] = []
+    per_task: dict[str, dict] = {}
+    total_runs = len(spec.envs) * sum(len(e[2]) for e in entries)
+    done_runs = 0
+    for env in spec.envs:
+        curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        selected_scores: dict[str, np.ndarray] = {}
+        selected_lr: dict[str, float] = {}
+        sweep: dict[str, dict[float, float]] = {}
+        for label, name, rates in entries:
+            best = None
+            for lr in rates:
+                train_spec = training.TrainSpec(
+                    agent=spec.agent, env=env, optimizer=name, learning_rate=lr, grad_clip=spec.grad_clip,
+                    seeds=spec.seeds, seed=spec.seed, log_chunks=spec.log_chunks)
+                overrides = dict(spec.agent_overrides)
+                if spec.steps:
+                    overrides["total_steps"] = spec.steps
+                agent_cfg = training.resolve_agent_config(train_spec, overrides, scale=spec.scale)
+                run_dir = _run_dir(out, env, label, lr)
+                expected = {"train": train_spec, "agent": agent_cfg}
+                skipped = _finished(run_dir, expected)
+                if callback:
+                    callback({"event": "start", "env": env, "optimizer": label, "learning_rate": lr,
+                              "skipped": skipped, "done": done_runs, "total": total_runs})
+                if not skipped:
+                    training.run(train_spec, agent_cfg, run_dir, plot=False)
+                done_runs += 1
+                summary = json.loads((run_dir / "summary.json").read_text())
+                scores = np.asarray([np.nan if s is None else s for s in _score_list(summary, spec.agent)])
+                rows = read_csv(run_dir / "metrics.csv")
+                x, y = _curve(rows, spec)
+                sweep.setdefault(label, {})[lr] = float(np.nanmean(scores))
+                for seed, score, final in zip(summary["seeds"], scores, summary["final_return_per_seed"]):
+                    results_rows.append({"task": env, "optimizer": label, "learning_rate": lr, "seed": seed,
+                                         "score": float(score), "final_return": final, "selected": False})
+                mean_score = np.nanmean(scores) if np.isfinite(scores).any() else -np.inf
+                if best is None or mean_score > best[0]:
+                    best = (mean_score, lr, scores, (x, y))
+            _, lr, scores, curve = best
+            selected_scores[label], selected_lr[label], curves[f"{label} (lr {lr:g})"] = scores, lr, curve
+            for row in results_rows:
+                if row["task"] == env and row["optimizer"] == label and row["learning_rate"] == lr:
+                    row["selected"] = True
+        rows = stats.summarize(selected_scores, reference=spec.reference, paired=spec.paired)
+        per_task[env] = {"rows": rows, "lr": selected_lr, "sweep": sweep, "scores": selected_scores}
+        _plots(out, env, spec, curves, selected_scores)
+    _write_results(out, results_rows)
+    aggregate = None
+    if len(spec.envs) > 1:
+        aggregate = stats.aggregate_tasks({env: t["scores"] for env, t in per_task.items()}, reference=spec.reference)
+    summary = _write_summary(out, spec, per_task, aggregate)
+    return summary
+
+
+def _score_list(summary: dict, agent: str) -> list:
+    # PPO is scored on its evaluation episodes (like the paper's Brax curves), A2C on training returns.
+    if agent == "ppo" and summary.get("eval_score_per_seed"):
+        return summary["eval_score_per_seed"]
+    return summary["score_per_seed"]
+
+
+def _curve(rows: list[dict], spec: CompareSpec) -> tuple[np.ndarray, np.ndarray]:
+    key = "eval_return" if spec.agent == "ppo" and rows and "eval_return" in rows[0] else "episode_return"
+    by_seed: dict[int, list] = {}
+    for r in rows:
+        by_seed.setdefault(int(r["seed"]), []).append((r["update"], r["env_steps"], r[key]))
+    series = [sorted(v) for _, v in sorted(by_seed.items())]
+    length = min(len(s) for s in series)
+    x = np.asarray([s[1] for s in series[0][:length]], np.float64)
+    y = np.asarray([[s[2] for s in ser[:length]] for ser in series], np.float64)
+    if key == "eval_return":  # evaluations are sparse: keep the points where they happened
+        keep = np.isfinite(y).all(axis=0)
+        x, y = x[keep], y[:, keep]
+    return x, y
+
+
+def _plots(out: Path, env: str, spec: CompareSpec, curves, scores) -> None:
+    from optim4rl.analysis import plots
+
+    ylabel = "evaluation return" if spec.agent == "ppo" else "episode return"
+    plots.plot_learning_curves(curves, out / f"curves_{env}", title=f"{spec.agent.upper()} on {env}: "
+                               f"mean and 90% bootstrap CI over {spec.seeds} seeds", ylabel=ylabel)
+    plots.plot_scores(scores, out / f"scores_{env}", title=f"{env}: final score per optimizer "
+                      f"(mean, 90% bootstrap CI, seeds as dots)", ylabel=f"score ({ylabel}, last 10%)")
+
+
+def _write_results(out: Path, rows: list[dict]) -> None:
+    writer = RunDir(out).metrics_writer("results")
+    writer.write(rows)
+    jsonl = out / "results.jsonl"
+    if jsonl.exists():
+        jsonl.unlink()
+
+
+def _write_summary(out: Path, spec: CompareSpec, per_task: dict, aggregate) -> dict:
+    from optim4rl.analysis import stats
+
+    lines = [f"# Optimizer comparison: {spec.agent.upper()}, {spec.seeds} seeds", "",
+             f"Score = mean of the last 10% of logged {'evaluation' if spec.agent == 'ppo' else 'episode'} returns "
+             f"per seed. CI = 90% percentile bootstrap of the mean. p = paired t-test (and Wilcoxon) "
+             f"against `{spec.reference}` on the same seeds; verdict at α = 0.05, no multiple-comparison "
+             "correction. Step sizes: best mean score of the sweep (selected on the same seeds).", ""]
+    data: dict[str, Any] = {"spec": to_jsonable(spec), "tasks": {}}
+    for env, task in per_task.items():
+        lines += [f"## {env}", "", stats.markdown_table(task["rows"]), ""]
+        lines += ["Step sizes: " + ", ".join(f"{k} {v:g}" for k, v in task["lr"].items()), ""]
+        if any(len(v) > 1 for v in task["sweep"].values()):
+            lines += ["Sweep (mean score by step size): " + "; ".join(
+                f"{k}: " + ", ".join(f"{lr:g} → {s:.3f}" for lr, s in v.items()) for k, v in task["sweep"].items()), ""]
+        lines += [f"![learning curves](curves_{env}.png)", "", f"![scores](scores_{env}.png)", ""]
+        data["tasks"][env] = {"rows": [dataclasses.asdict(r) for r in task["rows"]], "learning_rates": task["lr"],
+                              "sweep": {k: {str(lr): s for lr, s in v.items()} for k, v in task["sweep"].items()}}
+    if aggregate is not None:
+        lines += ["## Aggregate over tasks (scores normalised by the reference's mean)", "",
+                  stats.markdown_table(aggregate), ""]
+        data["aggregate"] = [dataclasses.asdict(r) for r in aggregate]
+    (out / "summary.md").write_text("\n".join(lines))
+    write_json(out / "summary.json", data)
+    return data

@@ -1,0 +1,75 @@
+"""Configuration of pipeline meta-training (SPEC §2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+
+@dataclass(frozen=True)
+class MetaTask:
+    """One meta-training task: an environment with its own reward scale and agent step size."""
+
+    env: str
+    reward_scale: float = 1.0
+    learning_rate: float = 3e-3
+    reset_interval: int | None = None  # None: MetaConfig.reset_interval
+    num_agents: int | None = None  # None: MetaConfig.num_agents
+
+
+@dataclass(frozen=True)
+class MetaConfig:
+    """Pipeline training of a learned optimizer over a population of A2C agents.
+
+    Every task keeps `num_agents` agents (own parameters, optimizer state, `envs_per_agent` envs)
+    sharing the meta-parameters φ. Agent j is re-initialised at meta-iteration t when
+    ``t % reset_interval == int(linspace(0, reset_interval - 1, num_agents)[j])`` (pipeline), so the
+    population always mixes early, middle and late training. One meta-iteration = `inner_updates`
+    updates with the learned optimizer, each on a fresh rollout, then the meta-loss on one more
+    rollout; the meta-gradient flows through the updates and the optimizer's recurrent states.
+    """
+
+    optimizer: str = "optim4rl"
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    tasks: tuple[MetaTask, ...] = (MetaTask("catch", 1.0, 3e-3),)
+    agent: Literal["a2c"] = "a2c"
+    num_agents: int = 512
+    envs_per_agent: int = 1
+    inner_updates: int = 4
+    rollout_length: int = 20
+    reset_interval: int = 144
+    pipeline: bool = True
+    iterations: int = 585
+    meta_loss: Literal["a2c", "actor"] = "a2c"
+    grad_clip: float | None = 1.0  # elementwise clip of agent gradients before the optimizer
+    meta_learning_rate: float = 1e-3
+    meta_max_norm: float | None = 0.5  # per-task meta-gradient rescaled to this norm (None: off)
+    meta_grad_clip: float | None = None  # elementwise clip before the meta-optimizer
+    meta_global_clip: float | None = None
+    iterations_per_chunk: int = 10
+    checkpoint_every_s: float = 180.0
+    eval_every: int = 0  # meta-iterations between evaluations of φ (0: only at the end)
+    eval_steps: int = 200_000  # env steps of the fresh agent trained in an evaluation
+    eval_num_envs: int | None = None  # None: the task's A2C default
+    age_bins: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.tasks:
+            raise ValueError("meta-training needs at least one task")
+        for name in ("num_agents", "envs_per_agent", "inner_updates", "rollout_length",
+                     "reset_interval", "iterations", "iterations_per_chunk", "age_bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.meta_learning_rate <= 0:
+            raise ValueError("meta_learning_rate must be positive")
+
+    def task_reset_interval(self, task: MetaTask) -> int:
+        return task.reset_interval or self.reset_interval
+
+    def task_num_agents(self, task: MetaTask) -> int:
+        return task.num_agents or self.num_agents
+
+    def env_steps_per_iteration(self) -> int:
+        per_agent = self.envs_per_agent * (self.inner_updates + 1) * self.rollout_length
+        return sum(self.task_num_agents(t) * per_agent for t in self.tasks)

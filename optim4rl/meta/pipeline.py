@@ -1,0 +1,251 @@
+"""Pipeline meta-training of a learned optimizer (Optim4RL paper §4.3, SPEC §2).
+
+Pure functions over explicit state, so that a whole chunk of meta-iterations is one jitted
+`lax.scan`:
+
+* `Population`: per task, `n` agents stacked on a leading axis (parameters, learned-optimizer
+  state, environments, age), laid out over all devices by `optim4rl.parallel`.
+* `reset_offsets`: the staggered reset schedule; `reset_population` re-initialises the agents whose
+  turn it is (fresh parameters, zero recurrent state, fresh environments).
+* `agent_meta_loss`: K inner updates `θ ← θ + U_φ(g)`, each on a fresh rollout, then the A2C loss
+  of the updated θ on one more rollout. Gradients g are stop-gradient inputs of the optimizer, so the
+  meta-gradient has no second-order terms but does flow through every update and recurrent state.
+* `meta_step`: per task the mean meta-gradient over agents, rescaled to a fixed norm; mean over
+  tasks; a non-finite meta-gradient skips the update; Adam on φ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optim4rl.meta.config import MetaConfig, MetaTask
+
+Array = jax.Array
+
+
+class AgentState(NamedTuple):
+    params: Any
+    opt_state: Any
+    env_state: Any
+    obs: Array
+    age: Array  # meta-iterations since the last reset
+    last_return: Array  # return of the most recent finished episode (NaN before the first)
+
+
+class MetaState(NamedTuple):
+    phi: Any
+    meta_opt_state: Any
+    populations: tuple  # one stacked AgentState per task
+    iteration: Array
+    key: Array
+    skipped: Array  # meta-updates skipped because of a non-finite meta-gradient
+
+
+def reset_offsets(num_agents: int, reset_interval: int) -> np.ndarray:
+    """Agent j resets when `t % reset_interval == offsets[j]` (SPEC §2)."""
+    return np.linspace(0, reset_interval - 1, num_agents).astype(np.int32)
+
+
+class TaskSetup(NamedTuple):
+    """Static pieces of one task (hashable: closed over by jit)."""
+
+    task: MetaTask
+    env: Any
+    network: Any
+    agent_config: Any  # A2CConfig with the task's reward scale
+    offsets: np.ndarray
+    reset_interval: int
+
+
+def build_task(cfg: MetaConfig, task: MetaTask) -> TaskSetup:
+    from optim4rl import envs
+    from optim4rl.agents import a2c, networks
+
+    env = envs.make(task.env)
+    agent_config = a2c.A2CConfig.cpu(task.env)
+    agent_config = dataclasses.replace(
+        agent_config, env=task.env, num_envs=cfg.envs_per_agent,
+        rollout_length=cfg.rollout_length, reward_scale=task.reward_scale,
+    )
+    interval = cfg.task_reset_interval(task)
+    offsets = reset_offsets(cfg.task_num_agents(task), interval)
+    return TaskSetup(task, env, networks.make_network(env), agent_config, offsets, interval)
+
+
+class MetaTrainer:
+    """Builds the jitted pieces of pipeline meta-training for a `MetaConfig`."""
+
+    def __init__(self, cfg: MetaConfig):
+        from optim4rl import optimizers
+
+        self.cfg = cfg
+        if cfg.optimizer not in optimizers.LEARNED:
+            raise ValueError(
+                f"unknown learned optimizer {cfg.optimizer!r}; known: {', '.join(optimizers.LEARNED)}"
+            )
+        self.opt = optimizers.LEARNED[cfg.optimizer](**dict(cfg.optimizer_options))
+        self.tasks = tuple(build_task(cfg, t) for t in cfg.tasks)
+        meta_tx = []
+        if cfg.meta_grad_clip:
+            meta_tx.append(optax.clip(cfg.meta_grad_clip))
+        if cfg.meta_global_clip:
+            meta_tx.append(optax.clip_by_global_norm(cfg.meta_global_clip))
+        meta_tx.append(optax.adam(cfg.meta_learning_rate))
+        self.meta_tx = optax.chain(*meta_tx)
+
+    # --- agents ---------------------------------------------------------------------------
+    def _tx(self, phi, setup: TaskSetup):
+        return self.opt.transform(phi, learning_rate=setup.task.learning_rate, grad_clip=self.cfg.grad_clip or None)
+
+    def init_agent(self, key, phi, setup: TaskSetup) -> AgentState:
+        from optim4rl.agents import networks
+
+        param_key, env_key = jax.random.split(key)
+        env_keys = jax.random.split(env_key, self.cfg.envs_per_agent)
+        env_state, obs = jax.vmap(setup.env.reset)(env_keys)
+        params = networks.init_params(setup.network, param_key, setup.env.observation_shape)
+        opt_state = self._tx(phi, setup).init(params)
+        return AgentState(params, opt_state, env_state, obs, jnp.int32(0), jnp.float32(jnp.nan))
+
+    def init_population(self, key, phi, setup: TaskSetup) -> AgentState:
+        keys = jax.random.split(key, len(setup.offsets))
+        return jax.vmap(lambda k: self.init_agent(k, phi, setup))(keys)
+
+    def init(self, key=None) -> MetaState:
+        key = jax.random.key(self.cfg.seed) if key is None else key
+        key, phi_key, *pop_keys = jax.random.split(key, 2 + len(self.tasks))
+        phi = self.opt.init_meta(phi_key)
+        pops = tuple(self.init_population(k, phi, s) for k, s in zip(pop_keys, self.tasks))
+        return MetaState(phi, self.meta_tx.init(phi), pops, jnp.int32(0), key, jnp.int32(0))
+
+    def reset_population(self, key, phi, pop: AgentState, setup: TaskSetup, iteration) -> tuple[AgentState, Array]:
+        """Re-initialises scheduled agents (and any whose parameters became non-finite)."""
+        fresh = self.init_population(key, phi, setup)
+        finite = jax.vmap(
+            lambda p: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(p)]))
+        )(pop.params)
+        if self.cfg.pipeline:
+            scheduled = (iteration % setup.reset_interval) == jnp.asarray(setup.offsets)
+        else:
+            scheduled = jnp.zeros(len(setup.offsets), bool)
+        reset = scheduled | ~finite
+
+        def select(new, old):
+            mask = reset.reshape((-1,) + (1,) * (new.ndim - 1))
+            return jnp.where(mask, new, old)
+
+        pop = jax.tree.map(select, fresh, pop)
+        return pop, jnp.sum(~finite)
+
+    # --- the meta-objective ---------------------------------------------------------------
+    def agent_meta_loss(self, phi, agent: AgentState, key, setup: TaskSetup):
+        """K inner updates with U_φ, then the meta-loss of the updated agent on a fresh rollout."""
+        from optim4rl.agents import a2c
+
+        cfg, acfg, net, env = self.cfg, setup.agent_config, setup.network, setup.env
+        tx = self._tx(phi, setup)
+        keys = jax.random.split(key, cfg.inner_updates + 1)
+
+        def inner_update(carry, k):
+            params, opt_state, env_state, obs, last_return = carry
+            frozen = jax.lax.stop_gradient(params)
+            env_state, next_obs, traj = a2c.rollout(k, net, frozen, env, env_state, obs, cfg.rollout_length)
+            # The optimizer's input is a constant for meta-differentiation (SPEC §1).
+            grads = jax.grad(lambda p: a2c.a2c_loss(p, net, traj, next_obs, acfg)[0])(frozen)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            last_return = _latest_return(traj, last_return)
+            return (params, opt_state, env_state, next_obs, last_return), None
+
+        carry = (agent.params, agent.opt_state, agent.env_state, agent.obs, agent.last_return)
+        carry, _ = jax.lax.scan(inner_update, carry, keys[:-1])
+        params, opt_state, env_state, obs, last_return = carry
+        env_state, next_obs, traj = a2c.rollout(
+            keys[-1], net, jax.lax.stop_gradient(params), env, env_state, obs, cfg.rollout_length)
+        loss, aux = a2c.a2c_loss(params, net, traj, next_obs, acfg)
+        if cfg.meta_loss == "actor":
+            loss = aux["actor_loss"]
+        last_return = _latest_return(traj, last_return)
+        new_agent = AgentState(params, opt_state, env_state, next_obs, agent.age + 1, last_return)
+        return loss, jax.lax.stop_gradient(new_agent)
+
+    def task_meta_gradient(self, phi, pop: AgentState, key, setup: TaskSetup):
+        keys = jax.random.split(key, len(setup.offsets))
+
+        def mean_loss(phi):
+            losses, new_pop = jax.vmap(self.agent_meta_loss, in_axes=(None, 0, 0, None))(phi, pop, keys, setup)
+            return jnp.mean(losses), new_pop
+
+        (loss, new_pop), grad = jax.value_and_grad(mean_loss, has_aux=True)(phi)
+        norm = optax.global_norm(grad)
+        if self.cfg.meta_max_norm:
+            # Normalised, not clipped: every task contributes a step of the same size (SPEC §2).
+            grad = jax.tree.map(lambda g: g * (self.cfg.meta_max_norm / (norm + 1e-12)), grad)
+        return grad, new_pop, loss, norm
+
+    def meta_step(self, state: MetaState, _=None):
+        cfg = self.cfg
+        key, *task_keys = jax.random.split(state.key, 1 + 2 * len(self.tasks))
+        grads, pops, metrics = [], [], {}
+        for i, setup in enumerate(self.tasks):
+            pop, nonfinite = self.reset_population(task_keys[2 * i], state.phi, state.populations[i], setup,
+                                                   state.iteration)
+            grad, pop, loss, norm = self.task_meta_gradient(state.phi, pop, task_keys[2 * i + 1], setup)
+            grads.append(grad)
+            pops.append(pop)
+            name = setup.task.env
+            metrics[f"meta_loss/{name}"] = loss
+            metrics[f"meta_grad_norm/{name}"] = norm
+            metrics[f"nonfinite_agents/{name}"] = nonfinite.astype(jnp.float32)
+            metrics.update(_returns_by_age(pop, setup, cfg.age_bins, name))
+        grad = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *grads)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grad)]))
+        safe_grad = jax.tree.map(lambda g: jnp.where(finite, g, 0.0), grad)
+        updates, meta_opt_state = self.meta_tx.update(safe_grad, state.meta_opt_state, state.phi)
+        new_phi = optax.apply_updates(state.phi, updates)
+        # A non-finite meta-gradient never reaches φ: keep φ and the meta-optimizer state as they were.
+        phi = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_phi, state.phi)
+        meta_opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o), meta_opt_state, state.meta_opt_state)
+        metrics["meta_loss"] = jnp.mean(jnp.stack([metrics[f"meta_loss/{s.task.env}"] for s in self.tasks]))
+        metrics["skipped_update"] = (~finite).astype(jnp.float32)
+        new_state = MetaState(phi, meta_opt_state, tuple(pops), state.iteration + 1, key,
+                              state.skipped + (~finite).astype(jnp.int32))
+        return new_state, metrics
+
+    def run_chunk(self, state: MetaState, length: int | None = None):
+        """`length` meta-iterations (default cfg.iterations_per_chunk) in one `lax.scan`."""
+        return jax.lax.scan(self.meta_step, state, None, length=length or self.cfg.iterations_per_chunk)
+
+
+def _latest_return(traj, previous):
+    """Return of the most recent episode that ended in `traj` (time-major), else `previous`."""
+    done = traj.done.reshape(traj.done.shape[0], -1)
+    returns = traj.episode_return.reshape(done.shape)
+    any_done = jnp.any(done > 0)
+    # Average over the envs' episodes that ended at the last time step where any ended.
+    t_last = jnp.max(jnp.where(jnp.any(done > 0, axis=1), jnp.arange(done.shape[0]), -1))
+    row_done = done[jnp.maximum(t_last, 0)]
+    row_ret = returns[jnp.maximum(t_last, 0)]
+    latest = jnp.sum(row_ret * row_done) / jnp.maximum(jnp.sum(row_done), 1.0)
+    return jnp.where(any_done, latest, previous)
+
+
+def _returns_by_age(pop: AgentState, setup: TaskSetup, bins: int, name: str) -> dict[str, Array]:
+    """Mean last-episode return of the agents in each age bin (fractions of the reset interval)."""
+    frac = jnp.minimum(pop.age / setup.reset_interval, 0.999999)
+    idx = jnp.floor(frac * bins).astype(jnp.int32)
+    out = {}
+    valid = jnp.isfinite(pop.last_return)
+    for b in range(bins):
+        mask = (idx == b) & valid
+        total = jnp.sum(jnp.where(mask, pop.last_return, 0.0))
+        count = jnp.sum(mask)
+        out[f"return_age{b}/{name}"] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
+    out[f"return/{name}"] = jnp.nanmean(jnp.where(valid, pop.last_return, jnp.nan))
+    return out

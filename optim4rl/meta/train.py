@@ -1,0 +1,207 @@
+"""Host-side driver of `optim4rl meta-train`: chunks, logging, evaluation, checkpoints, resume.
+
+The jitted chunk (`MetaTrainer.run_chunk`) holds all the work; between chunks the host writes
+metrics, evaluates the current φ now and then by training a fresh agent with it, and writes an
+atomic checkpoint every `checkpoint_every_s` seconds. A resumed run continues from the last
+checkpoint's exact state (keys included), so it ends with the same φ as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optim4rl.meta.config import MetaConfig
+from optim4rl.meta.pipeline import MetaState, MetaTrainer
+from optim4rl.parallel import population_mesh, replicate, shard_population
+from optim4rl.runs import RunDir, load_checkpoint, read_csv, save_checkpoint
+
+Callback = Callable[[dict[str, Any]], None]
+
+
+def place(state: MetaState, trainer: MetaTrainer) -> MetaState:
+    """Shards every task's population over the devices; φ and the meta-optimizer are replicated."""
+    pops = []
+    for pop, setup in zip(state.populations, trainer.tasks):
+        pops.append(shard_population(pop, population_mesh(len(setup.offsets))))
+    mesh = population_mesh(len(trainer.tasks[0].offsets))
+    return state._replace(
+        phi=replicate(state.phi, mesh), meta_opt_state=replicate(state.meta_opt_state, mesh),
+        populations=tuple(pops),
+    )
+
+
+class Evaluator:
+    """Trains a fresh A2C agent with a given φ (φ is a jit argument: compiled once)."""
+
+    def __init__(self, trainer: MetaTrainer, task_index: int = 0):
+        from optim4rl.agents import a2c
+
+        cfg = trainer.cfg
+        setup = trainer.tasks[task_index]
+        self.task = setup.task
+        agent_cfg = a2c.A2CConfig.cpu(setup.task.env)
+        changes = {"total_steps": cfg.eval_steps}
+        if cfg.eval_num_envs:
+            changes["num_envs"] = cfg.eval_num_envs
+        self.agent_cfg = dataclasses.replace(agent_cfg, **changes)
+        opt, lr, clip = trainer.opt, setup.task.learning_rate, cfg.grad_clip or None
+
+        def evaluate(phi, key):
+            train = a2c.make_train(self.agent_cfg, opt.transform(phi, learning_rate=lr, grad_clip=clip))
+            _, metrics = train(key)
+            return metrics["episode_return"]
+
+        self._evaluate = jax.jit(evaluate)
+
+    def __call__(self, phi, key) -> float:
+        returns = np.asarray(self._evaluate(phi, key))
+        tail = returns[-max(1, len(returns) // 10):]
+        return float(np.nanmean(tail)) if np.isfinite(tail).any() else float("nan")
+
+
+def save_optimizer(path: Path, trainer: MetaTrainer, phi, info: dict[str, Any]) -> None:
+    from optim4rl import optimizers
+
+    optimizers.save(path, trainer.opt, jax.device_get(phi), info=info)
+
+
+def run(
+    cfg: MetaConfig,
+    out: Path | str,
+    callback: Callback | None = None,
+    resume: bool = False,
+    preset: str | None = None,
+    stop_after_chunks: int | None = None,
+) -> dict[str, Any]:
+    """Meta-trains per `cfg` into run directory `out`; returns the summary."""
+    run_dir = RunDir(out)
+    trainer = MetaTrainer(cfg)
+    state = place(trainer.init(), trainer)
+    ckpt_path = run_dir.file("checkpoint.msgpack")
+    elapsed_before = 0.0
+    if resume and ckpt_path.exists():
+        state, meta = load_checkpoint(ckpt_path, state)
+        elapsed_before = float(meta.get("wall_time_s", 0.0))
+        done = int(state.iteration)
+        rows = [r for r in read_csv(run_dir.file("metrics.csv")) if r["iteration"] <= done] \
+            if run_dir.file("metrics.csv").exists() else []
+        writer = run_dir.metrics_writer()
+        writer.write(rows)
+    else:
+        writer = run_dir.metrics_writer()
+    record = run_dir.write_config(cfg, preset=preset, devices=[str(d) for d in jax.devices()])
+
+    chunk_fn = jax.jit(trainer.run_chunk, donate_argnums=0)
+    evaluator = Evaluator(trainer) if cfg.eval_steps > 0 else None
+    steps_per_iter = cfg.env_steps_per_iteration()
+    eval_rows = []
+    last_ckpt = time.time()
+    t_start = time.time()
+    timed_iters, timed_s = 0, 0.0
+    chunks_run = 0
+    eval_key = jax.random.key(cfg.seed + 7919)
+
+    def maybe_evaluate(iteration: int) -> float | None:
+        if evaluator is None:
+            return None
+        value = evaluator(state.phi, jax.random.fold_in(eval_key, iteration))
+        eval_rows.append({"iteration": iteration, "eval_return": value, "task": evaluator.task.env})
+        return value
+
+    if int(state.iteration) == 0 and cfg.eval_every and evaluator is not None:
+        maybe_evaluate(0)
+
+    while int(state.iteration) < cfg.iterations:
+        start_iter = int(state.iteration)
+        length = min(cfg.iterations_per_chunk, cfg.iterations - start_iter)
+        t0 = time.time()
+        if length == cfg.iterations_per_chunk:
+            state, metrics = chunk_fn(state)
+        else:
+            state, metrics = jax.jit(trainer.run_chunk, static_argnums=1)(state, length)
+        metrics = jax.device_get(metrics)
+        dt = time.time() - t0
+        if chunks_run > 0:
+            timed_iters, timed_s = timed_iters + length, timed_s + dt
+        chunks_run += 1
+        end_iter = start_iter + length
+        rows = []
+        for i in range(length):
+            it = start_iter + i + 1
+            row = {"iteration": it, "env_steps": it * steps_per_iter}
+            row.update({k: float(v[i]) for k, v in sorted(metrics.items())})
+            rows.append(row)
+        eval_value = None
+        if cfg.eval_every and end_iter // cfg.eval_every > start_iter // cfg.eval_every:
+            eval_value = maybe_evaluate(end_iter)
+            rows[-1]["eval_return"] = eval_value
+        writer.write(rows)
+        if callback is not None:
+            sps = timed_iters * steps_per_iter / timed_s if timed_s > 0 else float("nan")
+            event = {"iteration": end_iter, "iterations": cfg.iterations,
+                     "env_steps": end_iter * steps_per_iter, "total_steps": cfg.iterations * steps_per_iter,
+                     "steps_per_s": sps, "meta_loss": float(np.mean(metrics["meta_loss"])),
+                     "skipped": int(state.skipped)}
+            if eval_value is not None:
+                event["eval_return"] = eval_value
+            callback(event)
+        if time.time() - last_ckpt > cfg.checkpoint_every_s or end_iter >= cfg.iterations:
+            save_checkpoint(ckpt_path, state, {"iteration": end_iter,
+                                               "wall_time_s": elapsed_before + time.time() - t_start})
+            save_optimizer(run_dir.file("optimizer_latest.o4r"), trainer, state.phi,
+                           _provenance(record, cfg, end_iter, preset))
+            last_ckpt = time.time()
+        if stop_after_chunks is not None and chunks_run >= stop_after_chunks:
+            save_checkpoint(ckpt_path, state, {"iteration": end_iter,
+                                               "wall_time_s": elapsed_before + time.time() - t_start})
+            return {"stopped_at_iteration": end_iter}
+
+    final_eval = maybe_evaluate(int(state.iteration)) if evaluator is not None else None
+    wall = elapsed_before + time.time() - t_start
+    save_optimizer(run_dir.file("optimizer.o4r"), trainer, state.phi,
+                   _provenance(record, cfg, int(state.iteration), preset))
+    if eval_rows:
+        evals = run_dir.metrics_writer("evaluations")
+        evals.write(eval_rows)
+    summary = {
+        "optimizer": cfg.optimizer, "tasks": [t.env for t in cfg.tasks],
+        "iterations": int(state.iteration), "env_steps": int(state.iteration) * steps_per_iter,
+        "skipped_updates": int(state.skipped), "wall_time_s": wall,
+        "steps_per_s": timed_iters * steps_per_iter / timed_s if timed_s > 0 else None,
+        "final_eval_return": final_eval, "optimizer_file": str(run_dir.file("optimizer.o4r")),
+    }
+    run_dir.write_summary(summary)
+    _plot(run_dir, cfg)
+    return summary
+
+
+def _provenance(record: dict, cfg: MetaConfig, iteration: int, preset: str | None) -> dict[str, Any]:
+    return {
+        "command": record.get("command"), "preset": preset, "config": record.get("config"),
+        "seed": cfg.seed, "code_version": record.get("code_version"), "meta_iterations": iteration,
+        "env_steps": iteration * cfg.env_steps_per_iteration(),
+        "trained_on": [t.env for t in cfg.tasks], "pipeline": cfg.pipeline,
+    }
+
+
+def _plot(run_dir: RunDir, cfg: MetaConfig) -> None:
+    from optim4rl.analysis import plots
+
+    rows = read_csv(run_dir.file("metrics.csv"))
+    if not rows:
+        return
+    plots.plot_meta_training(rows, [t.env for t in cfg.tasks], cfg.age_bins, run_dir.file("meta_training.png"))
+
+
+def load_config(data: dict) -> MetaConfig:
+    """A MetaConfig from a preset's [meta] table (tasks as [[meta.tasks]])."""
+    from optim4rl import config as config_lib
+
+    return config_lib.from_dict(MetaConfig, data, "meta")

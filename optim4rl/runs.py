@@ -1,0 +1,222 @@
+"""Run directories: the resolved config, metrics, summaries and atomic checkpoints.
+
+Every command writes into one directory::
+
+    DIR/config.json      full resolved config, seeds, code version, command line
+    DIR/metrics.csv      one row per logged point (also metrics.jsonl)
+    DIR/summary.json     final figures
+    DIR/checkpoint.msgpack  latest checkpoint (written atomically: tmp file + os.replace)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optim4rl.errors import Optim4RLError
+
+_PACKAGE_ROOT = Path(__file__).resolve().parent
+
+
+def code_version() -> dict[str, Any]:
+    """Package version plus the git commit of the source tree (when it is a git checkout)."""
+    from optim4rl import __version__
+
+    version: dict[str, Any] = {"package": __version__}
+    try:
+        repo = _PACKAGE_ROOT.parent
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode == 0:
+            version["git_commit"] = commit.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=repo, capture_output=True, text=True, timeout=5,
+            )
+            version["git_dirty"] = bool(dirty.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    version["jax"] = jax.__version__
+    version["backend"] = jax.default_backend()
+    version["devices"] = jax.device_count()
+    return version
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses, tuples, numpy scalars -> plain JSON values (NaN -> None)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic, jax.Array, np.ndarray)):
+        arr = np.asarray(obj)
+        return to_jsonable(arr.item() if arr.ndim == 0 else arr.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2) + "\n").encode())
+
+
+class RunDir:
+    """A run directory. Creating one never deletes files; `resume` reuses existing metrics."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_config(self, config: Any, **extra: Any) -> dict:
+        record = {
+            "config": to_jsonable(config),
+            **{k: to_jsonable(v) for k, v in extra.items()},
+            "code_version": code_version(),
+            "command": " ".join(sys.argv),
+        }
+        write_json(self.file("config.json"), record)
+        return record
+
+    def write_summary(self, summary: Mapping[str, Any], name: str = "summary.json") -> None:
+        write_json(self.file(name), summary)
+
+    def metrics_writer(self, name: str = "metrics", append: bool = False) -> "MetricsWriter":
+        return MetricsWriter(self.file(f"{name}.csv"), self.file(f"{name}.jsonl"), append=append)
+
+
+class MetricsWriter:
+    """Streams rows to CSV and JSONL; the column set is fixed by the first row."""
+
+    def __init__(self, csv_path: Path, jsonl_path: Path, append: bool = False):
+        self.csv_path, self.jsonl_path = csv_path, jsonl_path
+        self.columns: list[str] | None = None
+        if append and csv_path.exists():
+            with open(csv_path, newline="") as f:
+                header = next(csv.reader(f), None)
+            self.columns = header
+        else:
+            for p in (csv_path, jsonl_path):
+                if p.exists():
+                    p.unlink()
+
+    def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        rows = [to_jsonable(dict(r)) for r in rows]
+        if not rows:
+            return
+        new = self.columns is None
+        if new:
+            self.columns = list(rows[0].keys())
+        with open(self.csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            for r in rows:
+                writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in self.columns})
+        with open(self.jsonl_path, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+def read_csv(path: Path | str) -> list[dict[str, Any]]:
+    """Reads a metrics CSV back, numbers as floats (empty cells as NaN)."""
+
+    def conv(v: str) -> Any:
+        if v == "":
+            return float("nan")
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    with open(path, newline="") as f:
+        return [{k: conv(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def save_checkpoint(path: Path | str, tree: Any, meta: Mapping[str, Any] | None = None) -> None:
+    """Saves a pytree of arrays (typed PRNG keys included) atomically, with a JSON `meta` record."""
+    from flax import serialization
+
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = {
+        str(i): np.asarray(jax.random.key_data(x) if _is_key(x) else x) for i, x in enumerate(leaves)
+    }
+    payload = {"meta": json.dumps(to_jsonable(meta or {})), "treedef": str(treedef), "leaves": arrays}
+    atomic_write_bytes(path, serialization.msgpack_serialize(payload))
+
+
+def load_checkpoint(path: Path | str, like: Any) -> tuple[Any, dict]:
+    """Loads a checkpoint into the structure of `like`; raises a one-line error on mismatch."""
+    from flax import serialization
+
+    path = Path(path)
+    try:
+        payload = serialization.msgpack_restore(path.read_bytes())
+        arrays, meta = payload["leaves"], json.loads(payload["meta"])
+    except FileNotFoundError:
+        raise Optim4RLError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt file
+        raise Optim4RLError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})") from None
+    like_leaves, treedef = jax.tree.flatten(like)
+    if len(arrays) != len(like_leaves):
+        raise Optim4RLError(
+            f"checkpoint {path} does not match this run ({len(arrays)} arrays, expected {len(like_leaves)})"
+        )
+    leaves = []
+    for i, ref in enumerate(like_leaves):
+        arr = np.asarray(arrays[str(i)])
+        if _is_key(ref):
+            leaves.append(jax.random.wrap_key_data(jnp.asarray(arr), impl=jax.random.key_impl(ref)))
+            continue
+        if arr.shape != np.shape(ref):
+            raise Optim4RLError(
+                f"checkpoint {path} does not match this run (array {i}: shape {arr.shape}, expected {np.shape(ref)})"
+            )
+        leaves.append(jnp.asarray(arr, dtype=ref.dtype))
+    tree = jax.tree.unflatten(treedef, leaves)
+    # Keep the sharding of the template so a resumed run is laid out like a fresh one.
+    tree = jax.tree.map(
+        lambda x, ref: jax.device_put(x, ref.sharding) if isinstance(ref, jax.Array) else x, tree, like
+    )
+    return tree, meta
