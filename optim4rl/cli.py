@@ -216,7 +216,7 @@ def register_meta_train(sub) -> None:
     p = sub.add_parser("meta-train", help="meta-train a learned optimizer with pipeline training")
     p.add_argument("--preset", help="catch, big_dense_long, grid6 (+ -cpu variants) or a TOML path")
     p.add_argument("--optimizer", choices=["optim4rl", "l2l", "lin", "star"], help="architecture to meta-train")
-    p.add_argument("--inputs", choices=["processed", "raw"], help="Optim4RL gradient inputs (raw = ablation)")
+    p.add_argument("--inputs", choices=["sign_log", "raw"], help="Optim4RL gradient inputs (raw = ablation)")
     p.add_argument("--no-pipeline", action="store_true", help="ablation: agents are never reset")
     p.add_argument("--iterations", type=int, help="meta-iterations")
     p.add_argument("--num-agents", dest="num_agents", type=int, help="agents per task")

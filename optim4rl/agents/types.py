@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,15 +41,6 @@ def mean_episode_return(done: Array, episode_return: Array, previous: Array) -> 
     num_done = jnp.sum(done)
     mean = jnp.sum(episode_return * done) / jnp.maximum(num_done, 1.0)
     return jnp.where(num_done > 0, mean, previous).astype(jnp.float32)
-
-
-def env_kwargs_dict(env_kwargs: Any) -> dict:
-    """Configs hold env kwargs as a tuple of (name, value) pairs so that they stay hashable."""
-    if env_kwargs is None:
-        return {}
-    if isinstance(env_kwargs, dict):
-        return dict(env_kwargs)
-    return dict(env_kwargs)
 
 
 def plan_updates(total_steps: int, steps_per_update: int, updates_per_chunk: int) -> tuple[int, int, int]:
@@ -103,7 +94,3 @@ class Trainer:
         metrics = jax.tree.map(lambda x: x.reshape((self.num_updates,) + x.shape[2:]), metrics)
         return state, metrics
 
-
-def scan_updates(update: Callable[[Any], tuple[Any, Metrics]], state: Any, length: int):
-    """``length`` calls of ``update`` in one ``lax.scan``; metrics stacked on a leading axis."""
-    return jax.lax.scan(lambda s, _: update(s), state, None, length=length)

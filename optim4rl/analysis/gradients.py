@@ -1,4 +1,4 @@
-"""Agent-gradient analysis (SPEC §5.4): distributions, their drift over training, and the file format.
+"""Agent-gradient analysis (SPEC §5.4): distributions, their drift over training, the file format.
 
 The paper's argument (Lan et al. 2023, Sec. 4) is that RL agent-gradients differ from supervised
 ones: their magnitudes span many orders of magnitude (hence the `[sign g, log|g|]` processing) and
@@ -126,7 +126,7 @@ def drift(
 
     Compares the distributions of `log10(|g| + eps)`: the Wasserstein-1 distance (how many orders of
     magnitude the mass moves; 0 for identical samples, `c` for a pure shift by a factor `10**c`) and
-    the KS statistic. Samples larger than `max_samples` are subsampled without replacement for speed.
+    the KS statistic. Samples above `max_samples` are subsampled without replacement for speed.
     """
     rng = np.random.default_rng(seed)
     log_a = log_magnitude(_subsample(_finite_flat(a), max_samples, rng), eps)
@@ -161,7 +161,8 @@ def drift_matrix(
     for i in range(n):
         for j in range(i + 1, n):
             d = drift(samples[i], samples[j], eps, max_samples, seed)
-            matrix[i, j] = matrix[j, i] = d.wasserstein if metric == "wasserstein" else d.ks_statistic
+            value = d.wasserstein if metric == "wasserstein" else d.ks_statistic
+            matrix[i, j] = matrix[j, i] = value
     return matrix
 
 
@@ -182,7 +183,7 @@ class GradientSummary(NamedTuple):
 
 
 def summary_stats(g: Any, eps: float = LOG_EPS) -> GradientSummary:
-    """How widely a gradient sample's magnitudes spread (all shapes flattened, non-finite dropped)."""
+    """How widely a gradient sample's magnitudes spread (flattened, non-finite values dropped)."""
     raw = np.asarray(g, dtype=np.float64).reshape(-1)
     values = raw[np.isfinite(raw)]
     nan = float("nan")
@@ -281,7 +282,9 @@ class GradientRecord:
         return self.grads[:, self.layer_ids == self.layer_names.index(name)]
 
 
-def save_gradient_record(path: str | os.PathLike, record: GradientRecord | Mapping[str, Any]) -> Path:
+def save_gradient_record(
+    path: str | os.PathLike, record: GradientRecord | Mapping[str, Any]
+) -> Path:
     """Write `record` as a compressed `.npz` (atomically: temporary file, then rename).
 
     `record` is a `GradientRecord` or a mapping of its fields. A path without the `.npz` suffix gets

@@ -53,9 +53,9 @@ def score_from_curve(returns: Any, last_fraction: float = 0.1) -> float | np.nda
     `returns` is `[T]` (one run) or `[..., T]` (e.g. `[seeds, T]`). NaN marks "nothing logged"
     (before the first episode ends, or between PPO evaluations), so per run the score is the mean of
     the last `max(1, ceil(last_fraction * n_logged))` finite values, where `n_logged` counts the
-    finite entries. For dense curves this is simply the last `last_fraction` of the curve; for sparse
-    evaluation curves it is the last `last_fraction` of the evaluations. A run with nothing logged
-    scores NaN.
+    finite entries. For dense curves this is simply the last `last_fraction` of the curve; for
+    sparse evaluation curves it is the last `last_fraction` of the evaluations. A run with nothing
+    logged scores NaN.
 
     Returns a float for a 1-D curve, else an array of the leading shape.
     """
@@ -91,9 +91,9 @@ def mean(x: Any) -> float:
 
 
 def iqm(x: Any, axis: int | None = None) -> Any:
-    """Interquartile mean: the mean of the middle 50% (`scipy.stats.trim_mean(x, 0.25)`, as rliable).
+    """Interquartile mean: the mean of the middle 50% (`scipy.stats.trim_mean(x, 0.25)`, rliable).
 
-    With `axis=None` the sample is flattened and a float is returned; otherwise reduces along `axis`.
+    With `axis=None` the sample is flattened and a float is returned; else reduces along `axis`.
     """
     if axis is None:
         return float(scipy.stats.trim_mean(_as_1d(x), 0.25))
@@ -132,8 +132,8 @@ def bootstrap_ci(
     """Percentile-bootstrap confidence interval `(low, high)` of `stat(x)`.
 
     Resamples `x` with replacement `n_resamples` times. The resampling indices are drawn exactly as
-    `scipy.stats.bootstrap(..., method="percentile", rng=np.random.default_rng(seed))` draws them, so
-    the two agree. `stat` may take an `axis` keyword (vectorised) or reduce a 1-D array.
+    `scipy.stats.bootstrap(..., method="percentile", rng=np.random.default_rng(seed))` draws them,
+    so the two agree. `stat` may take an `axis` keyword (vectorised) or reduce a 1-D array.
     A single observation gives the degenerate interval `(x, x)`.
     """
     _check_confidence(confidence)
@@ -224,7 +224,7 @@ def welch_test(
     n_resamples: int = 10000,
     seed: int = 0,
 ) -> WelchTest:
-    """Welch's two-sided t-test of `x` against `ref` (independent seeds; non-finite values dropped)."""
+    """Welch's two-sided t-test of `x` against `ref` (independent seeds; non-finite dropped)."""
     a, b = _finite(_as_1d(x, "x")), _finite(_as_1d(ref, "ref"))
     nan = float("nan")
     if a.size == 0 or b.size == 0:

@@ -213,20 +213,21 @@ def _sample_distinct(u, excluded, n, active):
     """Distinct indices in ``[0, n)`` avoiding ``excluded``, drawn one after another.
 
     Draw ``i`` (where ``active[i]``) is uniform over the indices not yet excluded: ``r`` uniform
-    in ``[0, allowed)``, mapped to the ``r``-th allowed index by stepping over the excluded ones
-    in ascending order. Costs O(len(u) · (len(excluded) + len(u))) scalar ops and no extra
-    random numbers, far cheaper than scoring every cell of the grid. ``excluded`` uses ``_NONE``
-    for empty slots and must not hold duplicates.
+    in ``[0, allowed)`` is mapped to the ``r``-th allowed index ``x``, the fixed point of
+    ``x = r + #{e in excluded : e <= x}`` (reached from ``x = r`` in at most ``len(excluded)``
+    monotone iterations). A few scalar ops per object, no sort, and no random numbers beyond
+    ``u`` — far cheaper than scoring every cell of the grid. ``excluded`` holds ``_NONE`` in empty
+    slots and no duplicates.
     """
     picks = []
     for i in range(u.shape[0]):
         allowed = n - jnp.sum(excluded != _NONE)
         r = jnp.minimum((u[i] * allowed).astype(jnp.int32), allowed - 1)
-        for v in jnp.sort(excluded):
-            r = r + (v <= r).astype(jnp.int32)
-        pick = jnp.where(active[i], r, _NONE)
-        picks.append(r)
-        excluded = jnp.concatenate([excluded, pick[None]])
+        x = r
+        for _ in range(excluded.shape[0]):
+            x = r + jnp.sum(excluded <= x)
+        picks.append(x)
+        excluded = jnp.concatenate([excluded, jnp.where(active[i], x, _NONE)[None]])
     return jnp.stack(picks)
 
 

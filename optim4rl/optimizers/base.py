@@ -38,7 +38,7 @@ LearningRate = float | Array | Callable[[Array], Array]
 class GRUState(NamedTuple):
     """State of a one-GRU learned optimizer (L2L, Lin)."""
 
-    hidden: Array  # [N, hidden_size]: one recurrent state per coordinate, zeros at init
+    hidden: Array  # [hidden_size, N]: one recurrent state per coordinate, zeros at init
     count: Array  # int32 number of updates done so far
 
 

@@ -30,7 +30,7 @@ def sign_log_features(grads: Array, eps: float = 1e-18) -> tuple[Array, Array]:
 
 
 def l2l_features(grads: Array, p: float = 10.0, eps: float = 1e-8) -> Array:
-    """Andrychowicz et al. (2016) preprocessing, ``[N] -> [N, 2]``.
+    """Andrychowicz et al. (2016) preprocessing, ``[N] -> [2, N]``.
 
     ``(log|g| / p, sign g)`` where ``|g| ≥ e^-p``, else ``(−1, e^p · g)``. As in the reference code,
     the test is ``log(|g| + eps) / p ≥ −1`` (``eps`` keeps the log finite at ``g = 0``).
@@ -39,14 +39,14 @@ def l2l_features(grads: Array, p: float = 10.0, eps: float = 1e-8) -> Array:
     large = scaled_log >= -1.0
     first = jnp.where(large, scaled_log, -1.0)
     second = jnp.where(large, jnp.sign(grads), jnp.exp(p) * grads)
-    return jnp.stack([first, second], axis=-1)
+    return jnp.stack([first, second])
 
 
 class Optim4RLState(NamedTuple):
     """State of :class:`Optim4RL`: two recurrent states per coordinate and a step count."""
 
-    hidden_m: Array  # [N, hidden_size] GRU-1, drives the first pseudo-moment m
-    hidden_v: Array  # [N, hidden_size] GRU-2, drives the second pseudo-moment v
+    hidden_m: Array  # [hidden_size, N] GRU-1, drives the first pseudo-moment m
+    hidden_v: Array  # [hidden_size, N] GRU-2, drives the second pseudo-moment v
     count: Array  # int32
 
 
@@ -98,23 +98,23 @@ class Optim4RL(LearnedOptimizer):
         }
 
     def init_state(self, num_coordinates: int) -> Optim4RLState:
-        zeros = jnp.zeros((num_coordinates, self.hidden_size), jnp.float32)
+        zeros = jnp.zeros((self.hidden_size, num_coordinates), jnp.float32)
         return Optim4RLState(hidden_m=zeros, hidden_v=zeros, count=jnp.zeros((), jnp.int32))
 
     def network_inputs(self, grads: Array) -> tuple[Array, Array]:
-        """What GRU-1 and GRU-2 read: ``[N, 2 or 1]`` and ``[N, 1]``."""
+        """What GRU-1 and GRU-2 read (feature-major): ``[2 or 1, N]`` and ``[1, N]``."""
         if self.inputs == "raw":
-            return grads[:, None], jnp.square(grads)[:, None]
+            return grads[None], jnp.square(grads)[None]
         sign, log_abs = sign_log_features(grads, self.log_eps)
         # log(g²) = 2·log|g|: the processed squared gradient, without squaring tiny gradients.
-        return jnp.stack([sign, log_abs], axis=-1), (2.0 * log_abs)[:, None]
+        return jnp.stack([sign, log_abs]), (2.0 * log_abs)[None]
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
         inputs_m, inputs_v = self.network_inputs(grads)
         hidden_m = gru_apply(phi["gru_m"], state.hidden_m, inputs_m)
         hidden_v = gru_apply(phi["gru_v"], state.hidden_v, inputs_v)
-        o1 = mlp_apply(phi["head_m"], hidden_m)[:, 0]
-        o2 = mlp_apply(phi["head_v"], hidden_v)[:, 0]
+        o1 = mlp_apply(phi["head_m"], hidden_m)[0]
+        o2 = mlp_apply(phi["head_v"], hidden_v)[0]
         m = jnp.sign(grads) * jnp.exp(o1)
         v = jnp.exp(o2)
         delta = -learning_rate * m * jax.lax.rsqrt(v + self.eps)
@@ -155,12 +155,12 @@ class L2L(LearnedOptimizer):
         }
 
     def init_state(self, num_coordinates: int) -> GRUState:
-        return GRUState(hidden=jnp.zeros((num_coordinates, self.hidden_size), jnp.float32),
+        return GRUState(hidden=jnp.zeros((self.hidden_size, num_coordinates), jnp.float32),
                         count=jnp.zeros((), jnp.int32))
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
         hidden = gru_apply(phi["gru"], state.hidden, l2l_features(grads, self.p, self.eps))
-        o = mlp_apply(phi["head"], hidden)[:, 0]
+        o = mlp_apply(phi["head"], hidden)[0]
         delta = -learning_rate * jnp.exp(o) * grads
         return delta, GRUState(hidden, state.count + 1)
 
@@ -193,11 +193,11 @@ class Lin(LearnedOptimizer):
         }
 
     def init_state(self, num_coordinates: int) -> GRUState:
-        return GRUState(hidden=jnp.zeros((num_coordinates, self.hidden_size), jnp.float32),
+        return GRUState(hidden=jnp.zeros((self.hidden_size, num_coordinates), jnp.float32),
                         count=jnp.zeros((), jnp.int32))
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        hidden = gru_apply(phi["gru"], state.hidden, grads[:, None])
+        hidden = gru_apply(phi["gru"], state.hidden, grads[None])
         out = mlp_apply(phi["head"], hidden)
-        delta = -learning_rate * (jnp.exp(out[:, 0]) * grads + jnp.exp(out[:, 1]) * out[:, 2])
+        delta = -learning_rate * (jnp.exp(out[0]) * grads + jnp.exp(out[1]) * out[2])
         return delta, GRUState(hidden, state.count + 1)

@@ -1,10 +1,15 @@
 """The small networks inside learned optimizers, as pure functions on explicit parameter dicts.
 
 A learned optimizer runs one tiny network per scalar coordinate of the agent, with shared weights.
-Writing the GRU and MLP as plain functions of ``(params, batch)`` makes that a single batched matrix
-product over all coordinates (``x: [N, features]``), keeps the meta-parameters an ordinary nested
-dict of float32 arrays (easy to save, differentiate and meta-optimise), and avoids module
-bookkeeping on the hot path.
+Writing the GRU and MLP as plain functions of ``(params, batch)`` makes that a single batched
+computation over all coordinates, keeps the meta-parameters an ordinary nested dict of float32
+arrays (easy to save, differentiate and meta-optimise), and avoids module bookkeeping on the hot
+path.
+
+Activations are *feature-major*, ``x: [features, N]``: the long coordinate axis is the minor
+(contiguous) one, so every elementwise op and every gate slice runs over long contiguous rows.
+With only 1-24 features per coordinate this is several times faster on CPU than ``[N, features]``
+(and it is the coalesced layout on GPU). Weights keep the usual ``w: [in, out]`` shape.
 
 Initialisation and gate equations follow ``flax.linen.GRUCell`` / ``flax.linen.Dense``
 (LeCun-normal input kernels, orthogonal recurrent kernels, zero biases), the networks the reference
@@ -21,16 +26,35 @@ import jax.numpy as jnp
 Array = jax.Array
 Params = dict
 
-_lecun_normal = jax.nn.initializers.lecun_normal()
-_orthogonal = jax.nn.initializers.orthogonal()
+
+
+def lecun_normal(key: Array, shape: tuple[int, int]) -> Array:
+    """flax's default kernel init: truncated normal (±2σ) with variance 1 / fan_in."""
+    # 0.8796 is the standard deviation of a unit normal truncated to [-2, 2].
+    stddev = (1.0 / shape[0]) ** 0.5 / 0.87962566103423978
+    return stddev * jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32)
+
+
+def orthogonal(key: Array, batch: int, size: int) -> Array:
+    """``batch`` Haar-random orthogonal ``[size, size]`` matrices (flax's recurrent kernel init).
+
+    The orthogonal polar factor of a Gaussian matrix is Haar-distributed, like the QR-based
+    initializer's output. It is computed with Newton-Schulz iterations (a short loop of tiny
+    matmuls), which compiles far faster than a LAPACK QR for these 8 x 8 matrices; 60 iterations
+    reach float32 orthogonality even for singular values down to ~1e-9 of the largest.
+    """
+    gaussian = jax.random.normal(key, (batch, size, size), jnp.float32)
+    x = gaussian / jnp.linalg.norm(gaussian, axis=(1, 2), keepdims=True)
+
+    def newton_schulz(_, x):
+        return 1.5 * x - 0.5 * x @ jnp.swapaxes(x, 1, 2) @ x
+
+    return jax.lax.fori_loop(0, 60, newton_schulz, x)
 
 
 def dense_init(key: Array, in_size: int, out_size: int) -> Params:
     """One affine layer: LeCun-normal kernel ``w: [in, out]``, zero bias ``b: [out]``."""
-    return {
-        "w": _lecun_normal(key, (in_size, out_size), jnp.float32),
-        "b": jnp.zeros((out_size,), jnp.float32),
-    }
+    return {"w": lecun_normal(key, (in_size, out_size)), "b": jnp.zeros((out_size,), jnp.float32)}
 
 
 def mlp_init(key: Array, in_size: int, hidden_sizes: Sequence[int], out_size: int) -> Params:
@@ -40,12 +64,16 @@ def mlp_init(key: Array, in_size: int, hidden_sizes: Sequence[int], out_size: in
     return {f"dense{i}": dense_init(keys[i], sizes[i], sizes[i + 1]) for i in range(len(sizes) - 1)}
 
 
+def dense_apply(layer: Params, x: Array) -> Array:
+    """Affine map on feature-major activations: ``x: [in, N] -> [out, N]``."""
+    return jnp.einsum("io,in->on", layer["w"], x) + layer["b"][:, None]
+
+
 def mlp_apply(params: Params, x: Array) -> Array:
-    """ReLU between layers, linear output. ``x: [..., in] -> [..., out]``."""
+    """ReLU between layers, linear output. ``x: [in, N] -> [out, N]``."""
     num_layers = len(params)
     for i in range(num_layers):
-        layer = params[f"dense{i}"]
-        x = x @ layer["w"] + layer["b"]
+        x = dense_apply(params[f"dense{i}"], x)
         if i < num_layers - 1:
             x = jax.nn.relu(x)
     return x
@@ -59,10 +87,10 @@ def gru_init(key: Array, in_size: int, hidden_size: int) -> Params:
     (it sits inside ``r * (...)``, so it cannot be merged into ``b``).
     """
     key_in, key_h = jax.random.split(key)
-    keys_in = jax.random.split(key_in, 3)
-    keys_h = jax.random.split(key_h, 3)
-    wi = jnp.concatenate([_lecun_normal(k, (in_size, hidden_size), jnp.float32) for k in keys_in], 1)
-    wh = jnp.concatenate([_orthogonal(k, (hidden_size, hidden_size), jnp.float32) for k in keys_h], 1)
+    # LeCun-normal depends only on fan_in, so the three gates' input kernels are one draw.
+    wi = lecun_normal(key_in, (in_size, 3 * hidden_size))
+    recurrent = orthogonal(key_h, 3, hidden_size)  # one orthogonal matrix per gate, as flax
+    wh = jnp.concatenate([recurrent[0], recurrent[1], recurrent[2]], axis=1)
     return {
         "wi": wi,
         "wh": wh,
@@ -72,15 +100,16 @@ def gru_init(key: Array, in_size: int, hidden_size: int) -> Params:
 
 
 def gru_apply(params: Params, h: Array, x: Array) -> Array:
-    """One GRU step, ``h: [..., H]``, ``x: [..., in] -> new h: [..., H]`` (flax GRUCell equations).
+    """One GRU step on feature-major activations, ``h: [H, N]``, ``x: [in, N] -> new h: [H, N]``.
 
-    ``r = σ(x Wir + h Whr + br)``, ``z = σ(x Wiz + h Whz + bz)``,
-    ``n = tanh(x Win + bin + r ⊙ (h Whn + bhn))``, ``h' = (1 − z) ⊙ n + z ⊙ h``.
+    flax GRUCell equations: ``r = σ(Wir x + Whr h + br)``, ``z = σ(Wiz x + Whz h + bz)``,
+    ``n = tanh(Win x + bin + r ⊙ (Whn h + bhn))``, ``h' = (1 − z) ⊙ n + z ⊙ h``.
     """
-    hidden = h.shape[-1]
-    from_x = x @ params["wi"] + params["b"]
-    from_h = h @ params["wh"]
-    reset = jax.nn.sigmoid(from_x[..., :hidden] + from_h[..., :hidden])
-    update = jax.nn.sigmoid(from_x[..., hidden:2 * hidden] + from_h[..., hidden:2 * hidden])
-    candidate = jnp.tanh(from_x[..., 2 * hidden:] + reset * (from_h[..., 2 * hidden:] + params["bhn"]))
+    hidden = h.shape[0]
+    from_x = jnp.einsum("io,in->on", params["wi"], x) + params["b"][:, None]
+    from_h = jnp.einsum("io,in->on", params["wh"], h)
+    reset = jax.nn.sigmoid(from_x[:hidden] + from_h[:hidden])
+    update = jax.nn.sigmoid(from_x[hidden:2 * hidden] + from_h[hidden:2 * hidden])
+    candidate = jnp.tanh(from_x[2 * hidden:]
+                         + reset * (from_h[2 * hidden:] + params["bhn"][:, None]))
     return (1.0 - update) * candidate + update * h

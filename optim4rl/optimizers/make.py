@@ -1,0 +1,96 @@
+"""``make_optimizer``: one string names any optimizer the project can train an agent with.
+
+Spec forms::
+
+    "adam", "rmsprop", "sgd", ...   any optax optimizer (case-insensitive)
+    "optim4rl:init"                 a learned architecture with fresh, untrained φ (seed 0)
+    "optim4rl:runs/x/opt.o4r"       a learned optimizer from a parameter file
+    "optim4rl:grid6"                a shipped pretrained optimizer (optim4rl/pretrained/grid6.o4r)
+
+The learned names are ``optim4rl``, ``l2l``, ``lin`` and ``star``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import optax
+
+from optim4rl.errors import ConfigError, ParameterFileError
+from optim4rl.optimizers.base import LearnedOptimizer, MetaParams, clip_enabled
+from optim4rl.optimizers.files import load
+from optim4rl.optimizers.registry import LEARNED, OPTIONAL_LEARNED, hand_designed, pretrained_path
+
+
+def make_optimizer(spec: str, learning_rate: Any, grad_clip: float | None = None,
+                   global_clip: float | None = None, **kwargs: Any) -> optax.GradientTransformation:
+    """Build the optax transformation named by ``spec`` (forms in the module docstring).
+
+    Args:
+      spec: optimizer name, or ``LEARNED_NAME:SOURCE`` for a learned optimizer.
+      learning_rate: step size α (float or optax schedule).
+      grad_clip: elementwise gradient clip (``None`` or ≤ 0: off). Learned optimizers apply it
+        just before their network, hand-designed ones as ``optax.clip``.
+      global_clip: global-norm gradient clip (``optax.clip_by_global_norm``), applied first.
+      **kwargs: options of the optax constructor (``b1=0.9``), or, with ``NAME:init``, fields of
+        the learned architecture (``inputs="raw"``).
+
+    Raises:
+      ConfigError: unknown name or options. ParameterFileError: a bad parameter file.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"optimizer spec must be a non-empty string, got {spec!r}")
+    name, has_source, source = spec.strip().partition(":")
+    name = name.strip().lower()
+    if not has_source and name in LEARNED:
+        raise ConfigError(f"learned optimizer '{name}' needs meta-parameters: use '{name}:init', "
+                          f"'{name}:PATH.o4r' or '{name}:PRETRAINED'")
+    if not has_source and name not in OPTIONAL_LEARNED:
+        return hand_designed(name, learning_rate, grad_clip=grad_clip, global_clip=global_clip,
+                             **kwargs)
+    opt, phi, _ = learned_from_spec(spec, **kwargs)
+    tx = opt.transform(phi, learning_rate, grad_clip=grad_clip)
+    if clip_enabled(global_clip):
+        tx = optax.chain(optax.clip_by_global_norm(global_clip), tx)
+    return tx
+
+
+def learned_from_spec(spec: str, **config: Any) -> tuple[LearnedOptimizer, MetaParams, dict]:
+    """``"NAME:SOURCE"`` -> ``(architecture, meta-parameters, info)`` of a learned optimizer.
+
+    ``SOURCE`` is ``init`` (fresh φ from seed 0; ``config`` sets architecture fields), a path to a
+    ``.o4r`` file, or the name of a shipped pretrained optimizer.
+    """
+    name, _, source = spec.strip().partition(":")
+    name, source = name.strip().lower(), source.strip()
+    if name in OPTIONAL_LEARNED:
+        raise ConfigError(f"{name}: VeLO needs its pretrained weights, which are not shipped and "
+                          "cannot be downloaded here; loading user-supplied VeLO weights is not "
+                          "supported in this version")
+    if name not in LEARNED:
+        raise ConfigError(f"unknown learned optimizer '{name}' in '{spec}'; learned: "
+                          f"{', '.join(LEARNED)}")
+    if not source:
+        raise ConfigError(f"'{spec}': give a source after the colon: init, PATH.o4r or PRETRAINED")
+    if source == "init":
+        try:
+            opt = LEARNED[name](**config)
+        except TypeError as error:
+            raise ConfigError(f"bad options for {name}: {error}") from None
+        except ValueError as error:
+            raise ConfigError(f"bad options for {name}: {error}") from None
+        # One compiled program instead of dozens of small eager ones (orthogonal init, ...).
+        phi = jax.jit(opt.init_meta)(jax.random.key(0))
+        return opt, phi, {"source": "init", "seed": 0}
+    if config:
+        raise ConfigError(f"'{spec}': the architecture comes from the file; options "
+                          f"{sorted(config)} are only allowed with '{name}:init'")
+    looks_like_path = source.endswith(".o4r") or os.sep in source or "/" in source
+    path = source if looks_like_path or os.path.isfile(source) else pretrained_path(source)
+    opt, phi, info = load(path)
+    if opt.name != name:
+        raise ParameterFileError(f"{path}: holds a '{opt.name}' optimizer, not '{name}' "
+                                 f"(use '{opt.name}:{source}')")
+    return opt, phi, info
