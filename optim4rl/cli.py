@@ -292,6 +292,178 @@ def register_compare(sub) -> None:
 _EXTRA_COMMANDS.append(register_compare)
 
 
+# --- gradients -------------------------------------------------------------------------------
+
+def cmd_gradients(args) -> int:
+    from optim4rl import config as config_lib
+    from optim4rl.analysis import collect
+
+    modes = [m for m in ("env", "supervised", "compare") if getattr(args, m)]
+    if len(modes) != 1:
+        raise ConfigError("gradients needs exactly one of --env ENV, --supervised digits, "
+                          "--compare DIR ...")
+    for name in ("coords", "snapshots", "phases"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be a positive integer, got {getattr(args, name)}")
+    if args.identity_steps < 0:
+        raise ConfigError(f"--identity-steps must be >= 0, got {args.identity_steps}")
+    if args.snapshots < args.phases:
+        raise ConfigError(f"--snapshots ({args.snapshots}) must be at least --phases ({args.phases})")
+
+    if args.compare:
+        out = _out_dir(args, "gradients-compare")
+        identity_steps = 0 if args.no_identity else args.identity_steps
+        print(f"optim4rl gradients: comparing {len(args.compare)} recorded run(s) -> {out}",
+              file=sys.stderr)
+        collect.compare_runs(args.compare, out, args.phases, identity_steps, args.seed or 0)
+        print((out / "report.md").read_text())
+        print(f"figures and summary.json in {out}")
+        return 0
+
+    identity_steps = args.identity_steps if args.identity else 0
+    seed = args.seed or 0
+    if args.supervised:
+        from optim4rl.analysis import supervised
+
+        optimizer = args.optimizer or "adam"
+        lr = args.lr if args.lr is not None else 1e-3
+        clip = None if args.grad_clip is None or args.grad_clip <= 0 else args.grad_clip
+        steps = args.steps if args.steps is not None else 3000
+        out = _out_dir(args, f"gradients-supervised-{args.supervised}-{optimizer}")
+        print(f"optim4rl gradients: MLP on {args.supervised} with {optimizer} (lr {lr:g}), "
+              f"{steps:,} minibatch steps of {args.batch_size} -> {out}", file=sys.stderr)
+        bar = Progress(f"supervised/{args.supervised}", unit="example")
+        try:
+            result = supervised.collect_supervised(
+                args.supervised, optimizer, lr, clip, steps, args.batch_size, seed=seed,
+                num_coords=args.coords, num_snapshots=args.snapshots, callback=bar)
+        finally:
+            bar.close()
+    else:
+        agent = args.agent or "a2c"
+        optimizer = args.optimizer or "adam"
+        lr = args.lr if args.lr is not None else 3e-3
+        clip = 1.0 if args.grad_clip is None else (None if args.grad_clip <= 0 else args.grad_clip)
+        overrides = {}
+        for item in args.set or []:
+            keys, value = config_lib.parse_override(item)
+            if keys[0] == "agent":
+                keys = keys[1:]
+            if len(keys) != 1:
+                raise ConfigError(f"--set {item!r}: agent settings are flat (agent.KEY=VALUE)")
+            overrides[keys[0]] = value
+        out = _out_dir(args, f"gradients-{agent}-{args.env}-{optimizer.replace(':', '_').replace('/', '_')}")
+        print(f"optim4rl gradients: {agent} on {args.env} with {optimizer} (lr {lr:g}) -> {out}",
+              file=sys.stderr)
+        bar = Progress(f"{agent}/{args.env}")
+        try:
+            result = collect.collect_rl(
+                agent, args.env, optimizer, lr, clip, args.steps, seed, args.coords, args.snapshots,
+                agent_overrides=overrides, callback=bar)
+        finally:
+            bar.close()
+    record = result.record
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    summary = collect.write_run(result, out, args.phases, identity_steps, config=config)
+    meta = record.metadata
+    if args.supervised:
+        done = f"test accuracy {meta['test_accuracy']:.3f} (train {meta['train_accuracy']:.3f})"
+    else:
+        final = summary.get("final_episode_return")
+        done = (f"{meta['total_env_steps']:,} env steps, mean episode return over the last 10% of "
+                f"updates {'n/a' if final is None else format(final, '.3f')}")
+    print(f"recorded {record.num_snapshots} snapshots x {record.num_coords} coordinates "
+          f"(of {meta['num_parameters']:,} parameters) in {result.wall_time_s:.1f}s; {done}")
+    print((out / "report.md").read_text())
+    print(f"gradients.npz, summary.json and figures in {out}")
+    return 0
+
+
+def register_gradients(sub) -> None:
+    p = sub.add_parser(
+        "gradients", help="record agent-gradients while training and analyse their distribution",
+        description="Record a subsample of gradients and updates per layer while training "
+                    "(--env: an RL agent; --supervised digits: a small classifier), write "
+                    "gradients.npz, summary.json and histogram/drift figures; or --compare "
+                    "recorded runs in one figure, with the identity experiment.")
+    p.add_argument("--env", help="RL environment to record (see `optim4rl list envs`)")
+    p.add_argument("--supervised", choices=["digits"], help="record a classifier on this dataset instead")
+    p.add_argument("--compare", nargs="+", metavar="DIR_OR_NPZ",
+                   help="recorded run directories (or .npz files) to compare in one figure")
+    p.add_argument("--agent", choices=["a2c", "ppo"], help="RL agent (default a2c)")
+    p.add_argument("--optimizer", help="adam (default), rmsprop, ... or optim4rl:FILE|PRETRAINED")
+    p.add_argument("--lr", type=float, help="step size (default 3e-3 RL, 1e-3 supervised)")
+    p.add_argument("--grad-clip", type=float,
+                   help="elementwise clip inside the optimizer (0 = off; default 1 RL, off supervised); "
+                        "gradients are recorded before it")
+    p.add_argument("--steps", type=int,
+                   help="RL: environment steps (default: the agent's CPU preset); supervised: minibatch "
+                        "steps (default 3000)")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="supervised minibatch size")
+    p.add_argument("--seed", type=int, help="seed (default 0)")
+    p.add_argument("--coords", type=int, default=2048, help="coordinates recorded, stratified by layer")
+    p.add_argument("--snapshots", type=int, default=150, help="evenly spaced snapshots recorded")
+    p.add_argument("--phases", type=int, default=3, help="training phases compared (default 3)")
+    p.add_argument("--identity", action="store_true", help="also run the identity experiment on this run")
+    p.add_argument("--identity-steps", dest="identity_steps", type=int, default=1000,
+                   help="training steps of the identity experiment (always run with --compare)")
+    p.add_argument("--no-identity", dest="no_identity", action="store_true",
+                   help="with --compare: skip the identity experiment")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an agent setting")
+    p.add_argument("--out", help="output directory (default runs/gradients-...)")
+    p.set_defaults(func=cmd_gradients)
+
+
+_EXTRA_COMMANDS.append(register_gradients)
+
+# --- reproduce -------------------------------------------------------------------------------
+
+def cmd_reproduce(args) -> int:
+    import shutil
+
+    from optim4rl import reproduce
+
+    out = _out_dir(args, f"reproduce-{args.budget}")
+
+    def report(event):
+        if event.get("event") == "experiment":
+            print(f"== {event['name']}: {event['title']}", file=sys.stderr)
+        else:
+            state = "done before, skipped" if event["skipped"] else "training"
+            print(f"   [{event['done'] + 1}/{event['total']}] {event['env']}: {event['optimizer']} "
+                  f"lr {event['learning_rate']:g} ({state})", file=sys.stderr)
+
+    report_path = reproduce.run(args.budget, out, callback=report, only=tuple(args.only or ()))
+    if args.docs:
+        docs = Path(args.docs)
+        docs.parent.mkdir(parents=True, exist_ok=True)
+        figures = docs.parent / "figures" / "results"
+        text = report_path.read_text()
+        for png in sorted(out.glob("*/*.png")):
+            target = figures / png.parent.name / png.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(png, target)
+            text = text.replace(f"]({png.parent.name}/{png.name})",
+                                f"]({target.relative_to(docs.parent).as_posix()})")
+        docs.write_text(text)
+        print(f"report copied to {docs} (figures in {figures})", file=sys.stderr)
+    print(report_path.read_text())
+    return 0
+
+
+def register_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="regenerate the paper's experiments with `compare`, and a report")
+    p.add_argument("--budget", choices=["smoke", "cpu", "paper"], default="smoke",
+                   help="smoke: minutes (tests); cpu: what runs on a CPU; paper: the paper's budgets")
+    p.add_argument("--only", nargs="+", help="run only these experiments (a_big_dense_long, b_brax, ...)")
+    p.add_argument("--out", help="directory (default runs/reproduce-BUDGET); re-running skips finished runs")
+    p.add_argument("--docs", help="also write the report here (e.g. docs/results.md), figures beside it")
+    p.set_defaults(func=cmd_reproduce)
+
+
+_EXTRA_COMMANDS.append(register_reproduce)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

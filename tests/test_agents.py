@@ -166,6 +166,60 @@ def test_compute_gae_matches_brax():
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_ppo_loss_matches_brax():
+    """Our PPO loss on a hand-made minibatch equals Brax's compute_ppo_loss with the same weights."""
+    from brax.training import types as brax_types
+    from brax.training.acme import running_statistics as brax_statistics
+    from brax.training.acme import specs
+    from brax.training.agents.ppo import losses as brax_losses
+    from brax.training.agents.ppo import networks as brax_networks
+
+    B, T, obs_size, action_size = 4, 5, 6, 2
+    env = SimpleNamespace(name="toy", discrete=False, action_size=action_size, num_actions=action_size,
+                          observation_shape=(obs_size,))
+    net = networks.make_ppo_network(env)
+    params = networks.init_params(net, jax.random.key(5), (obs_size,))
+    rng = np.random.default_rng(5)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    obs = f32(rng.normal(2.0, 3.0, size=(B, T, obs_size)))
+    next_obs = f32(rng.normal(2.0, 3.0, size=(B, T, obs_size)))
+    raw_action = f32(rng.normal(size=(B, T, action_size)))
+    reward = f32(rng.normal(size=(B, T)))
+    truncation = f32(rng.random((B, T)) < 0.1)
+    done = jnp.maximum(truncation, f32(rng.random((B, T)) < 0.2))
+    log_prob = f32(rng.normal(-2.0, 0.3, size=(B, T)))
+    key = jax.random.key(6)
+
+    ours_stats = running_statistics.update(running_statistics.init((obs_size,)), obs)
+    brax_stats = brax_statistics.update(
+        brax_statistics.init_state(specs.Array((obs_size,), jnp.dtype("float32"))), obs)
+    np.testing.assert_allclose(ours_stats.std, brax_stats.std, rtol=1e-5)
+
+    cfg = ppo.PPOConfig()  # SPEC §4: clip 0.3, value weight 0.25, entropy 1e-2, reward scale 10
+    batch = ppo.PPOBatch(obs, raw_action, reward, done * (1 - truncation), truncation, log_prob, next_obs[:, -1])
+    loss, aux = jax.jit(ppo.ppo_loss, static_argnums=(1, 2, 6))(params, net, NormalTanh(action_size), ours_stats,
+                                                                   batch, key, cfg)
+
+    brax_net = brax_networks.make_ppo_networks(obs_size, action_size,
+                                               preprocess_observations_fn=brax_statistics.normalize)
+    brax_params = brax_losses.PPONetworkParams(policy={"params": params["params"]["policy_mlp"]},
+                                               value={"params": params["params"]["value_mlp"]})
+    data = brax_types.Transition(
+        observation=obs, action=jnp.tanh(raw_action), reward=reward, discount=1 - done, next_observation=next_obs,
+        extras={"state_extras": {"truncation": truncation},
+                "policy_extras": {"raw_action": raw_action, "log_prob": log_prob,
+                                  "distribution_params": f32(rng.normal(size=(B, T, 2 * action_size)))}})
+    brax_loss, brax_aux = jax.jit(
+        lambda p, s, d, k: brax_losses.compute_ppo_loss(
+            p, s, d, k, brax_net, entropy_cost=cfg.entropy_cost, discounting=cfg.discounting,
+            reward_scaling=cfg.reward_scaling, gae_lambda=cfg.gae_lambda, clipping_epsilon=cfg.clipping_epsilon,
+            normalize_advantage=True, vf_coefficient=2 * cfg.value_loss_coef))(brax_params, brax_stats, data, key)
+    np.testing.assert_allclose(aux["policy_loss"], brax_aux["policy_loss"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(aux["value_loss"], brax_aux["v_loss"], rtol=1e-4)
+    np.testing.assert_allclose(-cfg.entropy_cost * aux["entropy"], brax_aux["entropy_loss"], rtol=1e-4)
+    np.testing.assert_allclose(loss, brax_loss, rtol=1e-4)
+
+
 def test_distributions_match_brax_and_categorical():
     from brax.training.distribution import NormalTanhDistribution
 

@@ -299,25 +299,25 @@ def ppo_loss(params, network, dist, normalizer, batch: PPOBatch, key: Array, cfg
     ``key`` draws the sample for the tanh-Gaussian's entropy estimate.
     """
     normalize = _normalizer_fn(cfg)
-    obs = normalize(batch.obs, normalizer)
-    all_obs = jnp.concatenate([obs, normalize(batch.bootstrap_obs, normalizer)[:, None]], axis=1)
+    # Time-major, like Brax (so that the entropy estimate draws the same samples).
+    t_major = lambda x: jnp.swapaxes(x, 0, 1)  # noqa: E731
+    obs = normalize(t_major(batch.obs), normalizer)
+    bootstrap_obs = normalize(batch.bootstrap_obs, normalizer)
     policy_out = network.apply(params, obs, method="policy")
-    all_values = network.apply(params, all_obs, method="value")
-    # Time-major for the GAE recursion.
-    t_major = lambda x: jnp.swapaxes(x, 0, 1)
-    values = t_major(all_values[:, :-1])
+    all_values = network.apply(params, jnp.concatenate([obs, bootstrap_obs[None]], axis=0), method="value")
+    values = all_values[:-1]
     vs, advantages = compute_gae(
         truncation=t_major(batch.truncation),
         termination=t_major(batch.termination),
         rewards=t_major(batch.reward) * cfg.reward_scaling,
         values=values,
-        bootstrap_value=all_values[:, -1],
+        bootstrap_value=all_values[-1],
         lambda_=cfg.gae_lambda,
         discount=cfg.discounting,
     )
     if cfg.normalize_advantage:
         advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-    log_prob = t_major(dist.log_prob(policy_out, batch.raw_action))
+    log_prob = dist.log_prob(policy_out, t_major(batch.raw_action))
     ratio = jnp.exp(log_prob - t_major(batch.log_prob))
     clipped = jnp.clip(ratio, 1.0 - cfg.clipping_epsilon, 1.0 + cfg.clipping_epsilon)
     policy_loss = -jnp.mean(jnp.minimum(ratio * advantages, clipped * advantages))

@@ -47,6 +47,7 @@ class MetaConfig:
     meta_grad_clip: float | None = None  # elementwise clip before the meta-optimizer
     meta_global_clip: float | None = None
     iterations_per_chunk: int = 10
+    remat: bool = True  # recompute optimizer activations in the backward pass (saves memory)
     checkpoint_every_s: float = 180.0
     eval_every: int = 0  # meta-iterations between evaluations of φ (0: only at the end)
     eval_steps: int = 200_000  # env steps of the fresh agent trained in an evaluation

@@ -163,6 +163,10 @@ class MetaTrainer:
             last_return = _latest_return(traj, last_return)
             return (params, opt_state, env_state, next_obs, last_return), None
 
+        if cfg.remat:
+            # Keep only each update's carry for the backward pass and recompute the optimizer's
+            # per-coordinate activations: memory ~ O(coordinates x state) instead of O(x network).
+            inner_update = jax.checkpoint(inner_update)
         carry = (agent.params, agent.opt_state, agent.env_state, agent.obs, agent.last_return)
         carry, _ = jax.lax.scan(inner_update, carry, keys[:-1])
         params, opt_state, env_state, obs, last_return = carry

@@ -12,6 +12,7 @@ The learned names are ``optim4rl``, ``l2l``, ``lin`` and ``star``.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -57,6 +58,12 @@ def make_optimizer(spec: str, learning_rate: Any, grad_clip: float | None = None
     return tx
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _init_meta(opt: LearnedOptimizer, key: jax.Array) -> MetaParams:
+    # One compiled program, cached per architecture, instead of dozens of small eager ones.
+    return opt.init_meta(key)
+
+
 def learned_from_spec(spec: str, **config: Any) -> tuple[LearnedOptimizer, MetaParams, dict]:
     """``"NAME:SOURCE"`` -> ``(architecture, meta-parameters, info)`` of a learned optimizer.
 
@@ -81,8 +88,7 @@ def learned_from_spec(spec: str, **config: Any) -> tuple[LearnedOptimizer, MetaP
             raise ConfigError(f"bad options for {name}: {error}") from None
         except ValueError as error:
             raise ConfigError(f"bad options for {name}: {error}") from None
-        # One compiled program instead of dozens of small eager ones (orthogonal init, ...).
-        phi = jax.jit(opt.init_meta)(jax.random.key(0))
+        phi = _init_meta(opt, jax.random.key(0))
         return opt, phi, {"source": "init", "seed": 0}
     if config:
         raise ConfigError(f"'{spec}': the architecture comes from the file; options "

@@ -27,7 +27,6 @@ Array = jax.Array
 Params = dict
 
 
-
 def lecun_normal(key: Array, shape: tuple[int, int]) -> Array:
     """flax's default kernel init: truncated normal (±2σ) with variance 1 / fan_in."""
     # 0.8796 is the standard deviation of a unit normal truncated to [-2, 2].
@@ -41,7 +40,7 @@ def orthogonal(key: Array, batch: int, size: int) -> Array:
     The orthogonal polar factor of a Gaussian matrix is Haar-distributed, like the QR-based
     initializer's output. It is computed with Newton-Schulz iterations (a short loop of tiny
     matmuls), which compiles far faster than a LAPACK QR for these 8 x 8 matrices; 60 iterations
-    reach float32 orthogonality even for singular values down to ~1e-9 of the largest.
+    reach float32 orthogonality even for singular values down to ~1e-8 of the largest.
     """
     gaussian = jax.random.normal(key, (batch, size, size), jnp.float32)
     x = gaussian / jnp.linalg.norm(gaussian, axis=(1, 2), keepdims=True)

@@ -1,4 +1,4 @@
-"""Optimizers by name: the learned architectures, hand-designed optax optimizers, pretrained files."""
+"""Optimizers by name: learned architectures, hand-designed optax optimizers, pretrained files."""
 
 from __future__ import annotations
 
@@ -70,8 +70,8 @@ def pretrained_path(name: str) -> pathlib.Path:
 
 def hand_designed(name: str, learning_rate: Any, grad_clip: float | None = None,
                   global_clip: float | None = None, **kwargs: Any) -> optax.GradientTransformation:
-    """``optax.<name>(learning_rate, **kwargs)``, after an optional elementwise clip
-    (``grad_clip``, as ``optax.clip``) and/or global-norm clip (``global_clip``).
+    """``optax.<name>(learning_rate, **kwargs)``, after an optional global-norm clip
+    (``global_clip``) and/or elementwise clip (``grad_clip``, as ``optax.clip``), in that order.
 
     ``name`` is case-insensitive (``"RMSProp"``); unknown names raise ConfigError.
     """
@@ -84,10 +84,10 @@ def hand_designed(name: str, learning_rate: Any, grad_clip: float | None = None,
     except TypeError as error:
         raise ConfigError(f"bad options for optimizer '{key}': {error}") from None
     transforms = []
-    if clip_enabled(grad_clip):
-        transforms.append(optax.clip(grad_clip))
     if clip_enabled(global_clip):
         transforms.append(optax.clip_by_global_norm(global_clip))
+    if clip_enabled(grad_clip):
+        transforms.append(optax.clip(grad_clip))
     if not transforms:
         return optimizer
     return optax.chain(*transforms, optimizer)

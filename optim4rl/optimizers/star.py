@@ -103,7 +103,8 @@ class STAR(LearnedOptimizer):
         freeze_sequences(self)
         check_positive("hidden_size", self.hidden_size)
         if not isinstance(self.hidden_layers, int) or self.hidden_layers < 0:
-            raise ValueError(f"hidden_layers must be a non-negative integer, got {self.hidden_layers!r}")
+            raise ValueError("hidden_layers must be a non-negative integer, "
+                             f"got {self.hidden_layers!r}")
         if len(self.momentum_decays) < 1:
             raise ValueError("momentum_decays must not be empty")
         if len(self.rms_decays) not in (1, len(self.momentum_decays)):
@@ -118,8 +119,8 @@ class STAR(LearnedOptimizer):
         return 2 + 2 * n_m + 2 * n_r + 5 * n_f + n_m
 
     def init_meta(self, key: Array) -> MetaParams:
-        sizes = ([self.num_features + len(STEP_TIMESCALES)] + [self.hidden_size] * self.hidden_layers
-                 + [2])
+        in_size = self.num_features + len(STEP_TIMESCALES)
+        sizes = [in_size] + [self.hidden_size] * self.hidden_layers + [2]
         keys = jax.random.split(key, len(sizes) - 1)
         mlp = {}
         for i in range(len(sizes) - 1):
@@ -146,9 +147,11 @@ class STAR(LearnedOptimizer):
         g = grads[None]
         g_square = jnp.square(g)
         decay_m = learned_decay(self.momentum_decays, phi["momentum_decay_shift"])[:, None]
-        decay_r = jnp.clip(learned_decay(self.rms_decays, phi["rms_decay_shift"]), 0.0, 1.0)[:, None]
+        # As in learned_optimization, only the second-moment decays are clipped to [0, 1].
+        decay_r = jnp.clip(learned_decay(self.rms_decays, phi["rms_decay_shift"]), 0.0, 1.0)
         decay_f = jnp.clip(learned_decay(self.adafactor_decays, phi["adafactor_decay_shift"]),
-                           0.0, 1.0)[:, None]
+                           0.0, 1.0)
+        decay_r, decay_f = decay_r[:, None], decay_f[:, None]
         momentum = decay_m * state.momentum + (1.0 - decay_m) * g
         rms = decay_r * state.rms + (1.0 - decay_r) * g_square
         adafactor = decay_f * state.adafactor + (1.0 - decay_f) * (g_square + 1e-30)

@@ -1,0 +1,132 @@
+"""`optim4rl reproduce`: the paper's experiments (SPEC §5) as `compare` runs, plus a report.
+
+Experiments:
+  a_big_dense_long  A2C on big_dense_long: Optim4RL vs Adam, RMSProp, L2L, Lin, STAR (all learned
+                    optimizers meta-trained on big_dense_long).
+  b_brax            transfer: the grid6 optimizer (meta-trained only on gridworlds) with PPO on Brax
+                    tasks vs Adam and RMSProp.
+  c_gymnax          transfer beyond Brax: the grid6 optimizer with PPO on gymnax / MinAtar tasks.
+  d_ablations       Optim4RL vs its ablations (raw gradient inputs; no pipeline training) on
+                    big_dense_long, with the untrained Optim4RL as a floor.
+
+The report (`results.md`) is generated from the comparison directories, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from optim4rl import compare
+from optim4rl.errors import ConfigError
+from optim4rl.optimizers import list_pretrained
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    title: str
+    agent: str
+    envs: tuple[str, ...]
+    optimizers: tuple[str, ...]  # entries may name pretrained files that are absent: see resolve()
+    steps: int | None
+    seeds: int
+    overrides: dict = field(default_factory=dict)
+    claim: str = ""
+
+
+def _learned(name: str, pretrained: str) -> str:
+    """A shipped optimizer if present, else the untrained φ (stated in the report)."""
+    return f"{name}:{pretrained}" if pretrained in list_pretrained() else f"{name}:init"
+
+
+def experiments(budget: str) -> list[Experiment]:
+    if budget not in ("smoke", "cpu", "paper"):
+        raise ConfigError(f"unknown budget {budget!r}; choose smoke, cpu or paper")
+    o4r_bdl = _learned("optim4rl", "big_dense_long")
+    o4r_grid6 = _learned("optim4rl", "grid6")
+    baselines = tuple(_learned(n, f"{n}-big_dense_long") for n in ("l2l", "lin", "star"))
+    ablations = (_learned("optim4rl", "big_dense_long-raw"), _learned("optim4rl", "big_dense_long-no_pipeline"))
+    if budget == "smoke":
+        return [
+            Experiment("a_big_dense_long", "Optim4RL vs baselines on big_dense_long (A2C)", "a2c",
+                       ("small_dense_short",), ("adam", o4r_bdl), 20_000, 2, {"num_envs": 16}),
+            Experiment("b_brax", "Transfer to Brax (PPO)", "ppo", ("inverted_double_pendulum",),
+                       ("adam", o4r_grid6), 4_000, 2,
+                       {"num_envs": 8, "batch_size": 8, "num_minibatches": 4, "unroll_length": 5,
+                        "num_evals": 2, "num_eval_envs": 4, "episode_length": 50}),
+        ]
+    paper = budget == "paper"
+    seeds = 10 if paper else 5
+    steps_grid = None if paper else 1_000_000
+    return [
+        Experiment("a_big_dense_long", "Optim4RL vs baselines on big_dense_long (A2C)", "a2c",
+                   ("big_dense_long",), ("adam", "rmsprop", o4r_bdl, *baselines), steps_grid, seeds,
+                   claim="paper: Optim4RL matches Adam/RMSProp and beats L2L, Lin and STAR"),
+        Experiment("b_brax", "Transfer: grid6 optimizer with PPO on Brax", "ppo",
+                   ("inverted_double_pendulum", "reacher", "ant", "humanoid", "walker2d") if paper
+                   else ("inverted_double_pendulum", "reacher"),
+                   ("adam", "rmsprop", o4r_grid6), None if paper else 300_000, seeds,
+                   claim="paper: competitive with Adam and RMSProp on unseen Brax tasks"),
+        Experiment("c_gymnax", "Transfer beyond Brax: gymnax / MinAtar with PPO", "ppo",
+                   ("CartPole-v1", "Breakout-MinAtar") if paper else ("CartPole-v1",),
+                   ("adam", "rmsprop", o4r_grid6), None if paper else 200_000, seeds,
+                   claim="not in the paper: asked for by the seed"),
+        Experiment("d_ablations", "Ablations on big_dense_long (A2C)", "a2c", ("big_dense_long",),
+                   ("adam", o4r_bdl, *ablations, "optim4rl:init"), steps_grid, seeds,
+                   claim="paper: gradient processing and pipeline training both matter"),
+    ]
+
+
+def run(budget: str, out: Path | str, callback: Callable[[dict], None] | None = None,
+        only: tuple[str, ...] = ()) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    selected = [e for e in experiments(budget) if not only or e.name in only]
+    if only and not selected:
+        raise ConfigError(f"no experiment named {', '.join(only)}; known: "
+                          f"{', '.join(e.name for e in experiments(budget))}")
+    for exp in selected:
+        spec = compare.CompareSpec(envs=exp.envs, optimizers=exp.optimizers, agent=exp.agent,
+                                   seeds=exp.seeds, steps=exp.steps, agent_overrides=exp.overrides,
+                                   scale="paper" if budget == "paper" else "cpu")
+        if callback:
+            callback({"event": "experiment", "name": exp.name, "title": exp.title})
+        compare.run(spec, out / exp.name, callback=callback)
+    return write_report(out, budget, selected)
+
+
+def write_report(out: Path, budget: str, selected: list[Experiment]) -> Path:
+    """results.md from the comparison directories: tables, figures and a verdict per task."""
+    lines = [f"# optim4rl: reproduction of the paper's experiments (`{budget}` budget)", "",
+             f"Generated by `optim4rl reproduce --budget {budget} --out {out}`. Every number below is read "
+             "from the comparison directories' `summary.json`; each run directory records its config, "
+             "seeds and code version.", ""]
+    shipped = list_pretrained()
+    lines += ["Learned optimizers used: " + (", ".join(f"`{p}`" for p in shipped) if shipped else "none shipped")
+              + ". An entry `NAME:init` means no meta-trained file was available and the untrained φ was used.", ""]
+    verdicts: list[str] = []
+    for exp in selected:
+        summary_path = out / exp.name / "summary.json"
+        if not summary_path.exists():
+            continue
+        data = json.loads(summary_path.read_text())
+        lines += [f"## {exp.title}", "", f"_{exp.claim}_" if exp.claim else "", ""]
+        body = (out / exp.name / "summary.md").read_text().split("\n", 2)[-1]
+        # Figure links are relative to the comparison directory; make them relative to the report.
+        body = body.replace("](curves_", f"]({exp.name}/curves_").replace("](scores_", f"]({exp.name}/scores_")
+        lines += [body, ""]
+        for task, info in data["tasks"].items():
+            for row in info["rows"]:
+                if row["verdict"] in ("better", "worse", "tie") and not row["optimizer"].startswith(("adam", "rmsprop")):
+                    verdicts.append(f"- {exp.name} / {task}: `{row['optimizer']}` vs Adam: **{row['verdict']}** "
+                                    f"(mean difference {row['diff']:.4g}, 90% CI [{row['diff_ci_low']:.4g}, "
+                                    f"{row['diff_ci_high']:.4g}], paired t-test p = {row['pvalue']:.3g}, n = {row['n']})")
+    lines += ["## Where the learned optimizers win, tie and lose against Adam", "",
+              "Verdict at α = 0.05 (paired t-test on the same seeds, no multiple-comparison correction):", "",
+              *verdicts, ""]
+    report = out / "results.md"
+    report.write_text("\n".join(lines))
+    return report
