@@ -364,12 +364,12 @@ def cmd_gradients(args) -> int:
             bar.close()
     record = result.record
     config = {k: v for k, v in vars(args).items() if k != "func"}
-    summary = collect.write_run(result, out, args.phases, identity_steps, config=config)
+    collect.write_run(result, out, args.phases, identity_steps, config=config)
     meta = record.metadata
     if args.supervised:
         done = f"test accuracy {meta['test_accuracy']:.3f} (train {meta['train_accuracy']:.3f})"
     else:
-        final = summary.get("final_episode_return")
+        final = meta.get("final_episode_return")
         done = (f"{meta['total_env_steps']:,} env steps, mean episode return over the last 10% of "
                 f"updates {'n/a' if final is None else format(final, '.3f')}")
     print(f"recorded {record.num_snapshots} snapshots x {record.num_coords} coordinates "

@@ -90,11 +90,11 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
     from optim4rl.analysis import stats
 
     out = Path(out)
-    RunDir(out).write_config(spec)
     entries = [parse_optimizer(e, spec) for e in spec.optimizers]
     labels = [e[0] for e in entries]
     if spec.reference not in labels:
         raise ConfigError(f"reference optimizer {spec.reference!r} is not among the optimizers: {', '.join(labels)}")
+    RunDir(out).write_config(spec)
     results_rows: list[dict] = []
     per_task: dict[str, dict] = {}
     total_runs = len(spec.envs) * sum(len(e[2]) for e in entries)

@@ -367,5 +367,5 @@ def test_brax_options_are_checked():
 @pytest.mark.slow  # compiling real Brax physics takes tens of seconds on a busy CPU
 def test_brax_physics_task_resets_and_steps_under_jit_and_vmap():
     env = envs.make("inverted_double_pendulum")
-    assert env.backend == "positional" and env.observation_shape == (8,) and env.action_size == 1
+    assert env.backend == "spring" and env.observation_shape == (8,) and env.action_size == 1
     _check_jit_vmap(env, n=2, steps=1)

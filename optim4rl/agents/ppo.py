@@ -165,8 +165,8 @@ class PPOConfig:
         """SPEC §4's settings for ``env`` (GPU budgets): 20 evaluations on 128 envs."""
         task = _task_name(env)
         base = dict(_PAPER.get(task) or (_DISCRETE_DEFAULT if _is_discrete_task(env) else _CONTINUOUS_DEFAULT))
-        base.update(num_eval_envs=128, **_chunking(base, _PAPER_NUM_EVALS))
-        return cls(env=env, **{**base, **overrides})
+        base.update(num_eval_envs=128)
+        return cls(env=env, **_with_chunking({**base, **overrides}, _PAPER_NUM_EVALS, overrides))
 
     @classmethod
     def cpu(cls, env: str = "inverted_double_pendulum", **overrides) -> "PPOConfig":
@@ -183,18 +183,23 @@ class PPOConfig:
             batch_size *= 2
         total = 1_000_000 if _is_discrete_task(env) else 2_000_000
         base.update(num_envs=num_envs, batch_size=batch_size, total_steps=total, num_eval_envs=16)
-        base.update(_chunking(base, 10))
-        return cls(env=env, **{**base, **overrides})
+        return cls(env=env, **_with_chunking({**base, **overrides}, 10, overrides))
 
     def replace(self, **changes) -> "PPOConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _chunking(base: dict, num_evals: int) -> dict:
-    """One evaluation per chunk, ``num_evals`` chunks over the budget."""
-    steps_per_update = base["batch_size"] * base["num_minibatches"] * base["unroll_length"]
-    num_updates = max(1, math.ceil(base["total_steps"] / steps_per_update))
-    return dict(updates_per_chunk=max(1, math.ceil(num_updates / num_evals)), eval_every=0)
+def _with_chunking(settings: dict, num_evals: int, overrides: dict) -> dict:
+    """Unless given explicitly: one evaluation per chunk, ``num_evals`` chunks over the budget."""
+    if "updates_per_chunk" in overrides:
+        return settings
+    steps_per_update = settings["batch_size"] * settings["num_minibatches"] * settings["unroll_length"]
+    num_updates = max(1, math.ceil(int(settings["total_steps"]) / steps_per_update))
+    per_chunk = max(1, math.ceil(num_updates / num_evals))
+    eval_every = int(overrides.get("eval_every", 0))
+    if eval_every:  # keep chunks a whole number of evaluation periods
+        per_chunk = math.ceil(per_chunk / eval_every) * eval_every
+    return {**settings, "updates_per_chunk": per_chunk, "eval_every": eval_every}
 
 
 # --- data ---------------------------------------------------------------------------------------

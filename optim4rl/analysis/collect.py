@@ -269,14 +269,15 @@ def run_recorded(
 
     `make_train(tx)` returns a trainer with the `init`/`run_chunk`/`num_chunks`/`num_updates`
     shape of `optim4rl.agents.types.Trainer`; `optimizer_steps_per_update` is how many times one
-    trainer update calls `tx.update` (1 for A2C; epochs × minibatches for PPO). `callback` gets
-    `{done, total, <progress_key>, total_steps, episode_return | loss}` after every chunk.
+    trainer update calls `tx.update` (1 for A2C; epochs × minibatches for PPO). After every chunk
+    `callback` gets `{chunk, num_chunks, done, total, <progress_key>, episode_return | loss}`, with
+    `done`/`total` in samples (environment steps or examples; `total_steps` too for env steps).
     """
     probe = make_train(tx)
     shapes = jax.eval_shape(probe.init, key).params
     indices, layer_ids, layer_names = select_coordinates(shapes, num_coords, coord_seed)
-    total_updates = probe.num_updates * optimizer_steps_per_update
-    every, rows = plan_snapshots(total_updates, num_snapshots)
+    optimizer_steps = probe.num_updates * optimizer_steps_per_update
+    every, rows = plan_snapshots(optimizer_steps, num_snapshots)
     train = make_train(recording(tx, indices, every, rows))
     start = time.time()
     state = jax.jit(train.init)(key)
@@ -289,9 +290,11 @@ def run_recorded(
         for name, value in metrics.items():
             history.setdefault(name, []).append(np.asarray(value))
         if callback is not None:
-            event = {"done": chunk + 1, "total": train.num_chunks,
-                     progress_key: (chunk + 1) * per_chunk,
-                     "total_steps": train.num_chunks * per_chunk}
+            done, total = (chunk + 1) * per_chunk, train.num_chunks * per_chunk
+            event = {"chunk": chunk + 1, "num_chunks": train.num_chunks, "done": done,
+                     "total": total, progress_key: done}
+            if progress_key == "env_steps":
+                event["total_steps"] = total
             for name in ("episode_return", "loss"):
                 if name in metrics:
                     event[name] = float(np.nanmean(metrics[name][-1]))
@@ -305,7 +308,7 @@ def run_recorded(
         "num_parameters": int(sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))),
         "record_every": every,
         "step_unit": "optimizer step",
-        "optimizer_steps": total_updates,
+        "optimizer_steps": optimizer_steps,
         "optimizer_steps_per_update": optimizer_steps_per_update,
         "samples_per_update": train.steps_per_update,
         "coord_seed": coord_seed,
@@ -359,6 +362,10 @@ def collect_rl(
     meta = dict(record.metadata)
     meta["total_env_steps"] = int(meta["optimizer_steps"] // steps_per_update * meta["samples_per_update"])
     meta["agent_config"] = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    returns = result.metrics["episode_return"]
+    tail = returns[-max(1, returns.size // 10):]
+    tail = tail[np.isfinite(tail)]
+    meta["final_episode_return"] = float(tail.mean()) if tail.size else None
     result.record = dataclasses.replace(record, metadata=meta)
     return result
 
@@ -368,13 +375,15 @@ def collect_rl(
 # --------------------------------------------------------------------------------------------
 
 
-def label_of(record: gradients.GradientRecord) -> str:
-    """A short figure label from a record's metadata, e.g. "A2C big_dense_long (adam)"."""
+def label_of(record: gradients.GradientRecord, with_optimizer: bool = False) -> str:
+    """A short figure label from a record's metadata: "A2C big_dense_long", "MLP digits"
+    (with the optimizer in brackets when `with_optimizer`)."""
     meta = record.metadata
-    optimizer = meta.get("optimizer", "?")
     if meta.get("kind") == "supervised":
-        return f"supervised {meta.get('model', 'MLP')} {meta.get('dataset', '?')} ({optimizer})"
-    return f"{str(meta.get('agent', '?')).upper()} {meta.get('env', '?')} ({optimizer})"
+        label = f"MLP {meta.get('dataset', '?')}"
+    else:
+        label = f"{str(meta.get('agent', '?')).upper()} {meta.get('env', '?')}"
+    return f"{label} ({meta.get('optimizer', '?')})" if with_optimizer else label
 
 
 def _stats(values: Any) -> dict[str, Any]:
@@ -395,6 +404,9 @@ def summarize_record(record: gradients.GradientRecord, n_phases: int = 3) -> dic
         "num_snapshots": record.num_snapshots,
         "num_coords": record.num_coords,
         "gradient": _stats(record.grads),
+        # Exact zeros are structural (inputs that are never on, inactive ReLUs) and sit at the
+        # log10(eps) floor; the spread of the non-zero gradients is the scale problem proper.
+        "gradient_nonzero": _stats(record.grads[record.grads != 0]),
         "phases": {
             name: {"first_step": int(s[0]), "last_step": int(s[-1]), **_stats(values)}
             for (name, values), s in zip(phases.items(), steps)
@@ -447,6 +459,11 @@ def analyze(
 
     if not records:
         raise ValueError("analyze needs at least one gradient record")
+    for label, record in records.items():
+        if record.num_snapshots < max(n_phases, 2):
+            raise ConfigError(
+                f"{label}: {record.num_snapshots} snapshot(s) cannot be split into {n_phases} "
+                "training phases; train for more updates or record more snapshots")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"n_phases": n_phases, "phase_names": gradients.phase_names(n_phases),
@@ -469,18 +486,38 @@ def analyze(
     return summary
 
 
+def describe(meta: Mapping[str, Any]) -> str:
+    """One line on how a record was made, from its metadata."""
+    every = (f"one optimizer step in {meta.get('record_every')} recorded, at "
+             f"{meta.get('num_coords')} of {meta.get('num_parameters')} parameters")
+    if meta.get("kind") == "supervised":
+        return (f"{meta.get('model')} classifier, {meta.get('optimizer')} lr {meta.get('learning_rate')}, "
+                f"{meta.get('optimizer_steps')} minibatch steps of {meta.get('batch_size')}, "
+                f"seed {meta.get('seed')}; {every}; final test accuracy "
+                f"{meta.get('test_accuracy', float('nan')):.3f}")
+    final = meta.get("final_episode_return")
+    final = "n/a" if final is None else f"{final:.3f}"
+    return (f"{meta.get('optimizer')} lr {meta.get('learning_rate')} (clip {meta.get('grad_clip')}), "
+            f"{meta.get('num_envs')} envs, {meta.get('total_env_steps')} env steps, seed "
+            f"{meta.get('seed')}; {every}; episode return over the last 10% of updates {final}")
+
+
 def report_markdown(summary: Mapping[str, Any]) -> str:
     """A Markdown report of `analyze`'s summary: scales, drift, identity-experiment accuracies."""
-    lines = ["| source | snapshots × coords | log10\\|g\\| p1 / median / p99 | decades (p1–p99) | "
-             "excess kurtosis | \\|g\\|<1e-6 |", "|---|---|---|---|---|---|"]
+    lines: list[str] = ["Sources:", ""]
+    for label, rec in summary["records"].items():
+        lines.append(f"- **{label}**: {describe(rec['metadata'])}")
+    lines += ["", "| source | snapshots × coords | exactly 0 | log10\\|g\\| p1 / median / p99, g ≠ 0 | "
+             "decades p1–p99, g ≠ 0 | decades p1–p99, all g | excess kurtosis |",
+             "|---|---|---|---|---|---|---|"]
     records = summary["records"]
     for label, rec in records.items():
-        g = rec["gradient"]
+        g, nonzero = rec["gradient"], rec["gradient_nonzero"]
         lines.append(
             f"| {label} | {rec['num_snapshots']} × {rec['num_coords']} | "
-            f"{g['log10_p1']:.2f} / {g['log10_median']:.2f} / {g['log10_p99']:.2f} | "
-            f"{g['orders_of_magnitude']:.2f} | {g['excess_kurtosis']:.1f} | "
-            f"{g['fraction_below_1e6']:.3f} |"
+            f"{g['fraction_zero']:.3f} | {nonzero['log10_p1']:.2f} / {nonzero['log10_median']:.2f}"
+            f" / {nonzero['log10_p99']:.2f} | {nonzero['orders_of_magnitude']:.2f} | "
+            f"{g['orders_of_magnitude']:.2f} | {g['excess_kurtosis']:.1f} |"
         )
     lines += ["", "Drift between training phases (Wasserstein-1 distance of log10(|g| + 1e-8), in "
               "decades; KS statistic in brackets):", ""]
@@ -549,9 +586,6 @@ def write_run(
     summary["record_file"] = RECORD_FILE
     returns = result.metrics.get("episode_return")
     if returns is not None and returns.size:
-        tail = returns[-max(1, returns.size // 10):]
-        finite = tail[np.isfinite(tail)]
-        summary["final_episode_return"] = float(finite.mean()) if finite.size else None
         plots.plot_learning_curves(
             {label: (result.metrics["env_steps"], returns)}, run_dir.file("learning_curve.png"),
             title=f"{label}: episode return while recording",
@@ -568,8 +602,11 @@ def load_records(paths: Sequence[str | Path]) -> dict[str, gradients.GradientRec
         path = Path(path)
         record = gradients.load_gradient_record(path / RECORD_FILE if path.is_dir() else path)
         label, n = label_of(record), 2
+        if label in records:
+            label = label_of(record, with_optimizer=True)
+        base = label
         while label in records:
-            label, n = f"{label_of(record)} #{n}", n + 1
+            label, n = f"{base} #{n}", n + 1
         records[label] = record
     if not records:
         raise ConfigError("--compare needs at least one run directory or .npz file")

@@ -1,0 +1,101 @@
+"""The `optim4rl` command end to end: train, compare, list, and its one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from optim4rl.cli import main
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    return code, capsys.readouterr()
+
+
+def test_train_writes_a_complete_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, captured = run_cli(["train", "--env", "catch", "--agent", "a2c", "--optimizer", "adam",
+                              "--steps", "20000", "--seeds", "2", "--out", str(out)], capsys)
+    assert code == 0
+    for name in ("config.json", "metrics.csv", "metrics.jsonl", "summary.json", "learning_curve.png",
+                 "checkpoint.msgpack"):
+        assert (out / name).exists(), name
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"seed", "env_steps", "episode_return"} <= set(rows[0])
+    assert {r["seed"] for r in rows} == {"0", "1"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["score_per_seed"]) == 2 and summary["steps_per_s"] > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["train"]["optimizer"] == "adam"
+    assert config["config"]["agent"]["total_steps"] == 20000
+    assert "package" in config["code_version"]
+    assert "mean score" in captured.out
+    # Resuming a finished run changes nothing.
+    code, _ = run_cli(["train", "--env", "catch", "--agent", "a2c", "--optimizer", "adam", "--steps", "20000",
+                       "--seeds", "2", "--out", str(out), "--resume"], capsys)
+    assert code == 0
+    assert json.loads((out / "summary.json").read_text())["score_per_seed"] == summary["score_per_seed"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--env", "nosuchenv"], "unknown env 'nosuchenv'"),
+    (["train", "--env", "catch", "--optimizer", "adamx"], "adamx"),
+    (["train", "--env", "catch", "--set", "num_envz=3"], "num_envz"),
+    (["train", "--env", "catch", "--preset", "nosuchpreset"], "unknown preset 'nosuchpreset'"),
+    (["meta-train", "--preset", "catch-cpu", "--set", "reset_intervall=3"], "reset_intervall"),
+    (["compare", "--env", "catch", "--optimizers", "sgd", "rmsprop"], "reference optimizer 'adam'"),
+])
+def test_bad_input_gives_one_clear_line(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("optim4rl: error: ")
+    assert message in err[-1]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_corrupt_optimizer_file_is_reported(tmp_path, capsys):
+    bad = tmp_path / "bad.o4r"
+    bad.write_bytes(b"not an optimizer")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--env", "catch", "--optimizer", f"optim4rl:{bad}", "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    assert "bad.o4r" in capsys.readouterr().err
+
+
+def test_list(capsys):
+    code, captured = run_cli(["list"], capsys)
+    assert code == 0
+    for word in ("catch", "big_dense_long", "adam", "optim4rl", "grid6-cpu"):
+        assert word in captured.out
+
+
+def test_compare_two_optimizers_and_rerun_skips(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--env", "catch", "--optimizers", "adam", "rmsprop@1e-3,3e-3", "--seeds", "3",
+            "--steps", "15000", "--out", str(out)]
+    code, captured = run_cli(args, capsys)
+    assert code == 0
+    assert "(training)" in captured.err
+    for name in ("results.csv", "summary.md", "summary.json", "curves_catch.png", "curves_catch.svg",
+                 "scores_catch.png", "scores_catch.svg"):
+        assert (out / name).exists(), name
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 * 3  # (adam + rmsprop at two step sizes) x 3 seeds
+    summary = json.loads((out / "summary.json").read_text())
+    table = {r["optimizer"]: r for r in summary["tasks"]["catch"]["rows"]}
+    assert table["adam"]["verdict"] == "reference"
+    selected = [r for r in rows if r["optimizer"] == "rmsprop" and r["selected"] == "True"]
+    assert len(selected) == 3
+    mean_selected = sum(float(r["score"]) for r in selected) / 3
+    assert table["rmsprop"]["mean"] == pytest.approx(mean_selected, rel=1e-6)
+    assert "| rmsprop" in (out / "summary.md").read_text()
+    code, captured = run_cli(args, capsys)
+    assert code == 0
+    assert "(training)" not in captured.err and captured.err.count("skipped") == 3
