@@ -106,7 +106,8 @@ def prepare(spec: TrainSpec, agent_config: Any) -> PreparedRun:
     module = agent_module(spec.agent)
     probe = module.make_train(agent_config, make_tx(spec))
     per_chunk = _updates_per_chunk(probe.num_updates, spec.log_chunks)
-    if getattr(agent_config, "updates_per_chunk", None) != per_chunk:
+    # PPO evaluates once per chunk: its config's own chunking sets the number of evaluations.
+    if spec.agent != "ppo" and getattr(agent_config, "updates_per_chunk", None) != per_chunk:
         agent_config = dataclasses.replace(agent_config, updates_per_chunk=per_chunk)
     train = module.make_train(agent_config, make_tx(spec))
     mesh = population_mesh(spec.seeds)
