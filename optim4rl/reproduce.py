@@ -50,13 +50,14 @@ def experiments(budget: str) -> list[Experiment]:
     baselines = tuple(_learned(n, f"{n}-big_dense_long") for n in ("l2l", "lin", "star"))
     ablations = (_learned("optim4rl", "big_dense_long-raw"), _learned("optim4rl", "big_dense_long-no_pipeline"))
     if budget == "smoke":
+        # Minutes on a CPU: the same pipeline (compare, statistics, report) on the cheapest tasks.
         return [
-            Experiment("a_big_dense_long", "Optim4RL vs baselines on big_dense_long (A2C)", "a2c",
-                       ("small_dense_short",), ("adam", o4r_bdl), 20_000, 2, {"num_envs": 16}),
-            Experiment("b_brax", "Transfer to Brax (PPO)", "ppo", ("inverted_double_pendulum",),
-                       ("adam", o4r_grid6), 4_000, 2,
-                       {"num_envs": 8, "batch_size": 8, "num_minibatches": 4, "unroll_length": 5,
-                        "num_evals": 2, "num_eval_envs": 4, "episode_length": 50}),
+            Experiment("a_big_dense_long", "Smoke: learned vs Adam with A2C (Catch stands in for big_dense_long)",
+                       "a2c", ("catch",), ("adam", _learned("optim4rl", "catch")), 10_000, 2, {"num_envs": 16}),
+            Experiment("c_gymnax", "Smoke: transfer with PPO (CartPole-v1 stands in for Brax)", "ppo",
+                       ("CartPole-v1",), ("adam", o4r_grid6), 8_192, 2,
+                       {"num_envs": 16, "batch_size": 16, "num_minibatches": 2, "unroll_length": 16,
+                        "num_eval_envs": 4}),
         ]
     paper = budget == "paper"
     seeds = 10 if paper else 5

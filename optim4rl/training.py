@@ -58,19 +58,23 @@ def agent_module(agent: str):
     return modules[agent]
 
 
-def default_agent_config(agent: str, env: str, scale: str = "cpu"):
-    """The paper's hyperparameters (SPEC §4) for `env`, at CPU or paper scale."""
+def default_agent_config(agent: str, env: str, scale: str = "cpu", **overrides):
+    """The paper's hyperparameters (SPEC §4) for `env`, at CPU or paper scale, with overrides."""
     module = agent_module(agent)
-    if agent == "ppo":
-        return module.PPOConfig.paper(env) if scale == "paper" else module.PPOConfig.cpu(env)
-    return module.A2CConfig.paper(env) if scale == "paper" else module.A2CConfig.cpu(env)
+    cls = module.PPOConfig if agent == "ppo" else module.A2CConfig
+    if scale not in ("cpu", "paper"):
+        raise ConfigError(f"unknown scale {scale!r}; choose cpu or paper")
+    factory = cls.paper if scale == "paper" else cls.cpu
+    # Validate names and types strictly first (one clear line), then let the preset derive what
+    # depends on the budget (e.g. PPO's evaluation chunks) from the overridden values.
+    checked = config_lib.replace(factory(env), **overrides)
+    given = {k: getattr(checked, k) for k in overrides}
+    return factory(env, **given)
 
 
 def resolve_agent_config(spec: TrainSpec, overrides: Mapping[str, Any] | None = None, scale: str = "cpu"):
-    base = default_agent_config(spec.agent, spec.env, scale)
-    changes = dict(overrides or {})
-    changes.setdefault("env", spec.env)
-    return config_lib.replace(base, **changes)
+    changes = {k: v for k, v in dict(overrides or {}).items() if k != "env"}
+    return default_agent_config(spec.agent, spec.env, scale, **changes)
 
 
 def make_tx(spec: TrainSpec):

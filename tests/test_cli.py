@@ -99,3 +99,18 @@ def test_compare_two_optimizers_and_rerun_skips(tmp_path, capsys):
     code, captured = run_cli(args, capsys)
     assert code == 0
     assert "(training)" not in captured.err and captured.err.count("skipped") == 3
+
+
+def test_reproduce_smoke(tmp_path, capsys):
+    out = tmp_path / "repro"
+    docs = tmp_path / "docs" / "results.md"
+    code, captured = run_cli(["reproduce", "--budget", "smoke", "--out", str(out), "--docs", str(docs)], capsys)
+    assert code == 0
+    report = (out / "results.md").read_text()
+    assert "Where the learned optimizers win, tie and lose against Adam" in report
+    assert "## catch" in report and "## CartPole-v1" in report
+    for exp in ("a_big_dense_long", "c_gymnax"):
+        assert (out / exp / "summary.json").exists()
+    text = docs.read_text()
+    assert "figures/results/a_big_dense_long/curves_catch.png" in text
+    assert (docs.parent / "figures" / "results" / "a_big_dense_long" / "curves_catch.png").exists()

@@ -20,6 +20,7 @@ import dataclasses
 from collections.abc import Callable
 
 from optim4rl.envs.base import Env
+from optim4rl.errors import ConfigError
 from optim4rl.envs.catch import Catch
 from optim4rl.envs.gridworld import GRIDWORLDS, Gridworld, make_gridworld
 
@@ -55,7 +56,7 @@ def _check_fields(name: str, cls, kwargs: dict, exclude: tuple[str, ...] = ()) -
     allowed = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
     for key in kwargs:
         if key not in allowed:
-            raise ValueError(f"unknown option {key!r} for env {name!r}; allowed: {', '.join(allowed)}")
+            raise ConfigError(f"unknown option {key!r} for env {name!r}; allowed: {', '.join(allowed)}")
 
 
 def _make_catch(name: str, **kwargs) -> Env:
@@ -92,7 +93,7 @@ _PREFIXES = {"brax:": "brax", "gymnax:": "gymnax"}
 def list_envs(family: str | None = None) -> list[str]:
     """All registered names (of one family if given), in registration order."""
     if family is not None and family not in _FAMILIES:
-        raise ValueError(f"unknown env family {family!r}; known: {', '.join(_FAMILIES)}")
+        raise ConfigError(f"unknown env family {family!r}; known: {', '.join(_FAMILIES)}")
     return [n for f, (names, _) in _FAMILIES.items() if family in (None, f) for n in names]
 
 
@@ -104,12 +105,17 @@ def env_family(name: str) -> str:
     for family, (names, _) in _FAMILIES.items():
         if name in names:
             return family
-    raise ValueError(f"unknown env {name!r}; known envs: {', '.join(list_envs())}")
+    raise ConfigError(f"unknown env {name!r}; known envs: {', '.join(list_envs())}")
 
 
 def make(name: str, **kwargs) -> Env:
     """Build the environment ``name``; see the module docstring for the keyword arguments."""
     if not isinstance(name, str):
-        raise ValueError(f"env name must be a string, got {name!r}")
+        raise ConfigError(f"env name must be a string, got {name!r}")
     family = env_family(name)
-    return _FAMILIES[family][1](name, **kwargs)
+    try:
+        return _FAMILIES[family][1](name, **kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"env {name!r}: {error}") from None

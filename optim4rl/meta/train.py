@@ -101,7 +101,11 @@ def run(
     chunk_fn = jax.jit(trainer.run_chunk, donate_argnums=0)
     evaluator = Evaluator(trainer) if cfg.eval_steps > 0 else None
     steps_per_iter = cfg.env_steps_per_iteration()
-    eval_rows = []
+    eval_path = run_dir.file("evaluations.csv")
+    eval_rows = [r for r in read_csv(eval_path) if r["iteration"] <= int(state.iteration)] \
+        if resume and eval_path.exists() else []
+    eval_writer = run_dir.metrics_writer("evaluations")
+    eval_writer.write(eval_rows)
     last_ckpt = time.time()
     t_start = time.time()
     timed_iters, timed_s = 0, 0.0
@@ -111,8 +115,12 @@ def run(
     def maybe_evaluate(iteration: int) -> float | None:
         if evaluator is None:
             return None
+        if eval_rows and eval_rows[-1]["iteration"] == iteration:
+            return eval_rows[-1]["eval_return"]
         value = evaluator(state.phi, jax.random.fold_in(eval_key, iteration))
-        eval_rows.append({"iteration": iteration, "eval_return": value, "task": evaluator.task.env})
+        row = {"iteration": iteration, "eval_return": value, "task": evaluator.task.env}
+        eval_rows.append(row)
+        eval_writer.write([row])
         return value
 
     if int(state.iteration) == 0 and cfg.eval_every and evaluator is not None:
@@ -167,15 +175,13 @@ def run(
     wall = elapsed_before + time.time() - t_start
     save_optimizer(run_dir.file("optimizer.o4r"), trainer, state.phi,
                    _provenance(record, cfg, int(state.iteration), preset))
-    if eval_rows:
-        evals = run_dir.metrics_writer("evaluations")
-        evals.write(eval_rows)
     summary = {
         "optimizer": cfg.optimizer, "tasks": [t.env for t in cfg.tasks],
         "iterations": int(state.iteration), "env_steps": int(state.iteration) * steps_per_iter,
         "skipped_updates": int(state.skipped), "wall_time_s": wall,
         "steps_per_s": timed_iters * steps_per_iter / timed_s if timed_s > 0 else None,
-        "final_eval_return": final_eval, "optimizer_file": str(run_dir.file("optimizer.o4r")),
+        "final_eval_return": final_eval, "evaluations": eval_rows,
+        "optimizer_file": str(run_dir.file("optimizer.o4r")),
     }
     run_dir.write_summary(summary)
     _plot(run_dir, cfg)
