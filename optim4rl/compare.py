@@ -67,6 +67,11 @@ def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[floa
     else:
         rates = spec.learning_rates or (DEFAULT_LR[spec.agent],)
     label = name
+    arch, _, source = name.partition(":")
+    if source.endswith(".o4r"):
+        # Short, readable labels for files: the stem, or the run directory for "optimizer.o4r".
+        path = Path(source)
+        label = f"{arch}:{path.parent.name if path.stem.startswith('optimizer') else path.stem}"
     return label, name, rates
 
 
