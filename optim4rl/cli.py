@@ -406,7 +406,7 @@ def register_gradients(sub) -> None:
     p.add_argument("--phases", type=int, default=3, help="training phases compared (default 3)")
     p.add_argument("--identity", action="store_true", help="also run the identity experiment on this run")
     p.add_argument("--identity-steps", dest="identity_steps", type=int, default=1000,
-                   help="training steps of the identity experiment (always run with --compare)")
+                   help="training steps of the identity experiment (default 1000; run by --compare unless --no-identity)")
     p.add_argument("--no-identity", dest="no_identity", action="store_true",
                    help="with --compare: skip the identity experiment")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an agent setting")

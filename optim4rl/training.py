@@ -166,8 +166,10 @@ def run(
         writer.write(rows)
     else:
         writer = run_dir.metrics_writer()
+    # The config as asked for; the chunk size chosen for logging is recorded beside it.
     run_dir.write_config(
-        {"train": spec, "agent": prepared.agent_config, **(extra_config or {})},
+        {"train": spec, "agent": agent_config, **(extra_config or {})},
+        updates_per_chunk=train.updates_per_chunk,
         seeds=seed_ids.tolist(),
         devices=[str(d) for d in jax.devices()],
     )

@@ -42,7 +42,9 @@ __all__ = [
     "analyze",
     "collect_rl",
     "compare_runs",
+    "describe",
     "find_recording_state",
+    "label_of",
     "load_records",
     "plan_snapshots",
     "record_from_state",
@@ -50,7 +52,9 @@ __all__ = [
     "report_markdown",
     "run_recorded",
     "select_coordinates",
+    "summarize_record",
     "write_run",
+    "zero_free_windows",
 ]
 
 Callback = Callable[[dict[str, Any]], None]
@@ -394,11 +398,14 @@ def summarize_record(record: gradients.GradientRecord, n_phases: int = 3) -> dic
     """Scale statistics overall, per phase and per layer, and the drift between phases."""
     phases = gradients.split_phases(record.grads, n_phases)
     names = list(phases)
-    drift = {}
+    drift, drift_nonzero = {}, {}
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
-            d = gradients.drift(phases[names[i]], phases[names[j]])
-            drift[f"{names[i]}-{names[j]}"] = d._asdict()
+            a, b = phases[names[i]], phases[names[j]]
+            pair = f"{names[i]}-{names[j]}"
+            drift[pair] = gradients.drift(a, b)._asdict()
+            if np.any(a != 0) and np.any(b != 0):
+                drift_nonzero[pair] = gradients.drift(a[a != 0], b[b != 0])._asdict()
     steps = np.array_split(record.steps, n_phases)
     summary = {
         "num_snapshots": record.num_snapshots,
@@ -408,10 +415,14 @@ def summarize_record(record: gradients.GradientRecord, n_phases: int = 3) -> dic
         # log10(eps) floor; the spread of the non-zero gradients is the scale problem proper.
         "gradient_nonzero": _stats(record.grads[record.grads != 0]),
         "phases": {
-            name: {"first_step": int(s[0]), "last_step": int(s[-1]), **_stats(values)}
+            name: {"first_step": int(s[0]), "last_step": int(s[-1]), **_stats(values),
+                   "nonzero": _stats(values[values != 0])}
             for (name, values), s in zip(phases.items(), steps)
         },
+        # Wasserstein-1 / KS of log10(|g| + 1e-8) between phases, over all g (exact zeros at the
+        # -8 floor included) and over the non-zero g only.
         "drift": drift,
+        "drift_nonzero": drift_nonzero,
         "layers": {
             name: {"num_coords": int(np.sum(record.layer_ids == index)),
                    **_stats(record.grads[:, record.layer_ids == index])}
@@ -423,21 +434,47 @@ def summarize_record(record: gradients.GradientRecord, n_phases: int = 3) -> dic
     return summary
 
 
+def zero_free_windows(grads: Any, seq_len: int = 5) -> np.ndarray:
+    """`[seq_len, window]`: the non-overlapping windows of `seq_len` consecutive snapshots of
+    each coordinate (as the identity experiment cuts them) that contain no exact zero.
+
+    Passed to `identity_experiment`, each window is one "coordinate" of length `seq_len`, so the
+    networks are scored on non-zero gradients only (windows of one coordinate may fall on both
+    sides of its train/test split).
+    """
+    values = np.asarray(grads, dtype=np.float32)
+    usable = values.shape[0] // seq_len * seq_len
+    windows = values[:usable].T.reshape(values.shape[1], -1, seq_len).reshape(-1, seq_len)
+    return windows[np.all(windows != 0, axis=1) & np.all(np.isfinite(windows), axis=1)].T
+
+
 def _identity(record: gradients.GradientRecord, steps: int, seed: int) -> dict[str, Any]:
+    """The identity experiment on all recorded coordinates and on the zero-free windows.
+
+    Exact zeros are reproduced exactly by the processed network (`sign(0) = 0`) and never by the
+    raw one, so with many zeros (sparse RL inputs, inactive ReLUs) the score on all coordinates
+    mostly counts zeros; the zero-free score measures the scale problem itself.
+    """
     from optim4rl.analysis import identity
 
-    result = identity.identity_experiment(record.grads, steps=steps, seed=seed)
-    return {
-        "raw": result["raw"],
-        "processed": result["processed"],
-        "raw_final_train_accuracy": float(result["raw_train_accuracy"][-1]),
-        "processed_final_train_accuracy": float(result["processed_train_accuracy"][-1]),
-        "n_train_windows": result["n_train_windows"],
-        "n_test_windows": result["n_test_windows"],
-        "seq_len": result["seq_len"],
-        "steps": result["steps"],
-        "tolerance": 0.1,
-    }
+    results = {}
+    for name, values in (("all", record.grads), ("zero_free", zero_free_windows(record.grads))):
+        if values.shape[0] == 0 or values.shape[1] < 2:
+            continue
+        result = identity.identity_experiment(values, steps=steps, seed=seed)
+        results[name] = {
+            "raw": result["raw"],
+            "processed": result["processed"],
+            "raw_final_train_accuracy": float(result["raw_train_accuracy"][-1]),
+            "processed_final_train_accuracy": float(result["processed_train_accuracy"][-1]),
+            "n_train_windows": result["n_train_windows"],
+            "n_test_windows": result["n_test_windows"],
+            "seq_len": result["seq_len"],
+            "steps": result["steps"],
+            "tolerance": 0.1,
+        }
+    results["fraction_zero"] = float(np.mean(record.grads == 0))
+    return results
 
 
 def analyze(
@@ -452,8 +489,9 @@ def analyze(
 
     Writes `gradient_histograms.png` (histograms of g and of log10|g| by phase, one row per
     record) and `gradient_drift.png` (Wasserstein drift between phases, one panel per record) in
-    `out`. With `identity_steps > 0` the identity experiment runs on the records named in
-    `identity_on` (default: the RL records) for that many training steps.
+    `out`, and both again over the non-zero gradients (`*_nonzero.png`). With `identity_steps > 0` the identity experiment runs on the records named in
+    `identity_on` (default: all) for that many training steps, on all recorded coordinates and
+    on the zero-free windows (see `_identity`).
     """
     from optim4rl.analysis import plots
 
@@ -472,17 +510,24 @@ def analyze(
         summary["records"][label] = {"metadata": dict(record.metadata),
                                      **summarize_record(record, n_phases)}
     if identity_steps > 0:
-        if identity_on is None:
-            identity_on = [label for label, r in records.items()
-                           if r.metadata.get("kind", "rl") != "supervised"]
-        for label in identity_on:
+        for label in records if identity_on is None else identity_on:
             summary["records"][label]["identity"] = _identity(records[label], identity_steps, seed)
     plots.plot_gradient_histograms(
         records, out / "gradient_histograms.png", n_phases,
-        title="agent-gradient distributions by training phase",
+        title="gradient distributions by training phase",
     )
     plots.plot_drift(records, out / "gradient_drift.png", n_phases)
-    summary["figures"] = ["gradient_histograms.png", "gradient_drift.png"]
+    # The same figures without the exact zeros, which pile up at log10(1e-8) and hide the spread
+    # of the rest; the plots drop non-finite values, so zeros become NaN.
+    nonzero = {label: np.where(r.grads != 0, r.grads, np.nan) for label, r in records.items()}
+    plots.plot_gradient_histograms(
+        nonzero, out / "gradient_histograms_nonzero.png", n_phases,
+        title="gradient distributions by training phase, exact zeros left out",
+    )
+    plots.plot_drift(nonzero, out / "gradient_drift_nonzero.png", n_phases,
+                     title="drift between training phases, exact zeros left out")
+    summary["figures"] = ["gradient_histograms.png", "gradient_drift.png",
+                          "gradient_histograms_nonzero.png", "gradient_drift_nonzero.png"]
     return summary
 
 
@@ -519,30 +564,47 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
             f" / {nonzero['log10_p99']:.2f} | {nonzero['orders_of_magnitude']:.2f} | "
             f"{g['orders_of_magnitude']:.2f} | {g['excess_kurtosis']:.1f} |"
         )
-    lines += ["", "Drift between training phases (Wasserstein-1 distance of log10(|g| + 1e-8), in "
-              "decades; KS statistic in brackets):", ""]
+    lines += ["", "Drift between training phases: Wasserstein-1 distance of log10(|g| + 1e-8), in "
+              "decades, over all g / over g ≠ 0 (KS statistics in brackets, same order):", ""]
     pairs = list(next(iter(records.values()))["drift"])
     lines.append("| source | " + " | ".join(pairs) + " |")
     lines.append("|---|" + "---|" * len(pairs))
     for label, rec in records.items():
-        cells = [f"{rec['drift'][p]['wasserstein']:.3f} ({rec['drift'][p]['ks_statistic']:.3f})"
-                 for p in pairs]
+        cells = []
+        for pair in pairs:
+            every, nonzero = rec["drift"][pair], rec["drift_nonzero"].get(pair)
+            if nonzero is None:
+                cells.append(f"{every['wasserstein']:.3f} / n/a ({every['ks_statistic']:.3f})")
+            else:
+                cells.append(f"{every['wasserstein']:.3f} / {nonzero['wasserstein']:.3f} "
+                             f"({every['ks_statistic']:.3f} / {nonzero['ks_statistic']:.3f})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Median log10|g| by phase:", "",
-              "| source | " + " | ".join(summary["phase_names"]) + " |",
-              "|---|" + "---|" * len(summary["phase_names"])]
+    phase_names = summary["phase_names"]
+    lines += ["", "By training phase: fraction of g exactly 0; median log10|g| of g ≠ 0; "
+              "p1–p99 decades of g ≠ 0:", "",
+              "| source | " + " | ".join(phase_names) + " |", "|---|" + "---|" * len(phase_names)]
     for label, rec in records.items():
-        cells = [f"{rec['phases'][p]['log10_median']:.2f}" for p in summary["phase_names"]]
+        cells = []
+        for phase in phase_names:
+            stats = rec["phases"][phase]
+            cells.append(f"{stats['fraction_zero']:.3f}; {stats['nonzero']['log10_median']:.2f}; "
+                         f"{stats['nonzero']['orders_of_magnitude']:.2f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     with_identity = {label: rec["identity"] for label, rec in records.items() if "identity" in rec}
     if with_identity:
-        lines += ["", "Identity experiment (fraction of held-out outputs within ±10% of the input "
-                  "gradient):", "", "| gradients | raw input | processed input [sign g, log\\|g\\|] "
-                  "| train / test windows | training steps |", "|---|---|---|---|---|"]
+        lines += ["", "Identity experiment: fraction of held-out outputs within ±10% of the input "
+                  "gradient, for a GRU fed raw g versus the processed [sign g, log|g|] (\"all\": "
+                  "every recorded coordinate, exact zeros included, which only the processed "
+                  "network reproduces; \"g ≠ 0\": the windows of 5 snapshots without an exact zero):",
+                  "", "| gradients | coordinates | raw input | processed input | train / test windows "
+                  "| training steps |", "|---|---|---|---|---|---|"]
         for label, result in with_identity.items():
-            lines.append(f"| {label} | {result['raw']:.3f} | {result['processed']:.3f} | "
-                         f"{result['n_train_windows']} / {result['n_test_windows']} | "
-                         f"{result['steps']} |")
+            for name, title in (("all", f"all ({result['fraction_zero']:.0%} of g exactly 0)"),
+                                ("zero_free", "g ≠ 0")):
+                if name in result:
+                    r = result[name]
+                    lines.append(f"| {label} | {title} | {r['raw']:.3f} | {r['processed']:.3f} | "
+                                 f"{r['n_train_windows']} / {r['n_test_windows']} | {r['steps']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -623,7 +685,7 @@ def compare_runs(
     """RL-versus-supervised comparison of recorded runs, in one directory; returns the summary.
 
     One histogram figure and one drift figure with a row/panel per record, `summary.json`,
-    `report.md`, and (with `identity_steps > 0`) the identity experiment on every RL record.
+    `report.md`, and (with `identity_steps > 0`) the identity experiment on every record.
     """
     from optim4rl.runs import RunDir
 

@@ -3,6 +3,10 @@
 All three keep one GRU state per scalar parameter (zeros at init) and share their weights ``φ``
 across coordinates. They differ in what the GRU reads and in how its output becomes an update
 (SPEC §1; Lan et al., "Learning to Optimize for Reinforcement Learning", arXiv 2302.01470).
+
+Each ``step`` hands a coordinate-wise ``_network`` to :func:`~optim4rl.optimizers.base.coordinatewise`,
+which runs it in cache-sized blocks on CPU; the networks therefore take columns ``[..., N]`` /
+``[..., features, N]`` with possible leading batch axes.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from optim4rl.optimizers.base import (GRUState, LearnedOptimizer, MetaParams, check_choice,
-                                      check_positive, freeze_sequences)
+                                      check_positive, coordinatewise, freeze_sequences)
 from optim4rl.optimizers.nets import gru_apply, gru_init, mlp_apply, mlp_init
 
 Array = jax.Array
@@ -30,7 +34,7 @@ def sign_log_features(grads: Array, eps: float = 1e-18) -> tuple[Array, Array]:
 
 
 def l2l_features(grads: Array, p: float = 10.0, eps: float = 1e-8) -> Array:
-    """Andrychowicz et al. (2016) preprocessing, ``[N] -> [2, N]``.
+    """Andrychowicz et al. (2016) preprocessing, ``[..., N] -> [..., 2, N]``.
 
     ``(log|g| / p, sign g)`` where ``|g| ≥ e^-p``, else ``(−1, e^p · g)``. As in the reference code,
     the test is ``log(|g| + eps) / p ≥ −1`` (``eps`` keeps the log finite at ``g = 0``).
@@ -39,7 +43,7 @@ def l2l_features(grads: Array, p: float = 10.0, eps: float = 1e-8) -> Array:
     large = scaled_log >= -1.0
     first = jnp.where(large, scaled_log, -1.0)
     second = jnp.where(large, jnp.sign(grads), jnp.exp(p) * grads)
-    return jnp.stack([first, second])
+    return jnp.stack([first, second], axis=-2)
 
 
 class Optim4RLState(NamedTuple):
@@ -104,21 +108,27 @@ class Optim4RL(LearnedOptimizer):
     def network_inputs(self, grads: Array) -> tuple[Array, Array]:
         """What GRU-1 and GRU-2 read (feature-major): ``[2 or 1, N]`` and ``[1, N]``."""
         if self.inputs == "raw":
-            return grads[None], jnp.square(grads)[None]
+            return grads[..., None, :], jnp.square(grads)[..., None, :]
         sign, log_abs = sign_log_features(grads, self.log_eps)
         # log(g²) = 2·log|g|: the processed squared gradient, without squaring tiny gradients.
-        return jnp.stack([sign, log_abs]), (2.0 * log_abs)[None]
+        return jnp.stack([sign, log_abs], axis=-2), (2.0 * log_abs)[..., None, :]
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
+        delta, hidden_m, hidden_v = coordinatewise(
+            self._network, phi, (learning_rate,), (grads, state.hidden_m, state.hidden_v))
+        return delta, Optim4RLState(hidden_m, hidden_v, state.count + 1)
+
+    def _network(self, phi, shared, columns):
+        (learning_rate,), (grads, hidden_m, hidden_v) = shared, columns
         inputs_m, inputs_v = self.network_inputs(grads)
-        hidden_m = gru_apply(phi["gru_m"], state.hidden_m, inputs_m)
-        hidden_v = gru_apply(phi["gru_v"], state.hidden_v, inputs_v)
-        o1 = mlp_apply(phi["head_m"], hidden_m)[0]
-        o2 = mlp_apply(phi["head_v"], hidden_v)[0]
+        hidden_m = gru_apply(phi["gru_m"], hidden_m, inputs_m)
+        hidden_v = gru_apply(phi["gru_v"], hidden_v, inputs_v)
+        o1 = mlp_apply(phi["head_m"], hidden_m)[..., 0, :]
+        o2 = mlp_apply(phi["head_v"], hidden_v)[..., 0, :]
         m = jnp.sign(grads) * jnp.exp(o1)
         v = jnp.exp(o2)
         delta = -learning_rate * m * jax.lax.rsqrt(v + self.eps)
-        return delta, Optim4RLState(hidden_m, hidden_v, state.count + 1)
+        return delta, hidden_m, hidden_v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +169,15 @@ class L2L(LearnedOptimizer):
                         count=jnp.zeros((), jnp.int32))
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        hidden = gru_apply(phi["gru"], state.hidden, l2l_features(grads, self.p, self.eps))
-        o = mlp_apply(phi["head"], hidden)[0]
-        delta = -learning_rate * jnp.exp(o) * grads
+        delta, hidden = coordinatewise(self._network, phi, (learning_rate,), (grads, state.hidden))
         return delta, GRUState(hidden, state.count + 1)
+
+    def _network(self, phi, shared, columns):
+        (learning_rate,), (grads, hidden) = shared, columns
+        hidden = gru_apply(phi["gru"], hidden, l2l_features(grads, self.p, self.eps))
+        o = mlp_apply(phi["head"], hidden)[..., 0, :]
+        delta = -learning_rate * jnp.exp(o) * grads
+        return delta, hidden
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +212,13 @@ class Lin(LearnedOptimizer):
                         count=jnp.zeros((), jnp.int32))
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        hidden = gru_apply(phi["gru"], state.hidden, grads[None])
-        out = mlp_apply(phi["head"], hidden)
-        delta = -learning_rate * (jnp.exp(out[0]) * grads + jnp.exp(out[1]) * out[2])
+        delta, hidden = coordinatewise(self._network, phi, (learning_rate,), (grads, state.hidden))
         return delta, GRUState(hidden, state.count + 1)
+
+    def _network(self, phi, shared, columns):
+        (learning_rate,), (grads, hidden) = shared, columns
+        hidden = gru_apply(phi["gru"], hidden, grads[..., None, :])
+        out = mlp_apply(phi["head"], hidden)
+        scale, free, direction = out[..., 0, :], out[..., 1, :], out[..., 2, :]
+        delta = -learning_rate * (jnp.exp(scale) * grads + jnp.exp(free) * direction)
+        return delta, hidden

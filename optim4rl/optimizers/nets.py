@@ -11,6 +11,13 @@ Activations are *feature-major*, ``x: [features, N]``: the long coordinate axis 
 With only 1-24 features per coordinate this is several times faster on CPU than ``[N, features]``
 (and it is the coalesced layout on GPU). Weights keep the usual ``w: [in, out]`` shape.
 
+Every function also accepts leading batch axes, ``x: [..., features, N]``: a block of a vmapped
+population arrives as ``[agents, features, width]`` (see
+:func:`optim4rl.optimizers.base.coordinatewise`). The weights are then broadcast over the batch
+axes and each layer is one batched matmul, so no activation is ever transposed: moving the agent
+axis next to the coordinate axis instead costs a transpose per layer, and XLA's CPU kernels for
+transposed operands are several times slower than the matmuls themselves.
+
 Initialisation and gate equations follow ``flax.linen.GRUCell`` / ``flax.linen.Dense``
 (LeCun-normal input kernels, orthogonal recurrent kernels, zero biases), the networks the reference
 implementation of Optim4RL (sail-sg/optim4rl) was built with.
@@ -64,12 +71,22 @@ def mlp_init(key: Array, in_size: int, hidden_sizes: Sequence[int], out_size: in
 
 
 def dense_apply(layer: Params, x: Array) -> Array:
-    """Affine map on feature-major activations: ``x: [in, N] -> [out, N]``."""
-    return jnp.einsum("io,in->on", layer["w"], x) + layer["b"][:, None]
+    """Affine map on feature-major activations: ``x: [..., in, N] -> [..., out, N]``."""
+    return matmul(layer["w"], x) + layer["b"][:, None]
+
+
+def matmul(w: Array, x: Array) -> Array:
+    """``w: [in, out]`` applied to feature-major ``x: [..., in, N]``, giving ``[..., out, N]``."""
+    if x.ndim == 2:
+        return jnp.einsum("io,in->on", w, x)
+    # Leading batch axes: one batched matmul with the (tiny) weights broadcast over the batch,
+    # rather than a plain contraction, which XLA follows with a transpose of the whole output.
+    w_t = jnp.broadcast_to(w.T, x.shape[:-2] + w.T.shape)
+    return jnp.einsum("...oi,...in->...on", w_t, x)
 
 
 def mlp_apply(params: Params, x: Array) -> Array:
-    """ReLU between layers, linear output. ``x: [in, N] -> [out, N]``."""
+    """ReLU between layers, linear output. ``x: [..., in, N] -> [..., out, N]``."""
     num_layers = len(params)
     for i in range(num_layers):
         x = dense_apply(params[f"dense{i}"], x)
@@ -99,16 +116,20 @@ def gru_init(key: Array, in_size: int, hidden_size: int) -> Params:
 
 
 def gru_apply(params: Params, h: Array, x: Array) -> Array:
-    """One GRU step on feature-major activations, ``h: [H, N]``, ``x: [in, N] -> new h: [H, N]``.
+    """One GRU step on feature-major activations, ``h: [..., H, N]``, ``x: [..., in, N]`` -> new h.
 
     flax GRUCell equations: ``r = σ(Wir x + Whr h + br)``, ``z = σ(Wiz x + Whz h + bz)``,
     ``n = tanh(Win x + bin + r ⊙ (Whn h + bhn))``, ``h' = (1 − z) ⊙ n + z ⊙ h``.
     """
-    hidden = h.shape[0]
-    from_x = jnp.einsum("io,in->on", params["wi"], x) + params["b"][:, None]
-    from_h = jnp.einsum("io,in->on", params["wh"], h)
-    reset = jax.nn.sigmoid(from_x[:hidden] + from_h[:hidden])
-    update = jax.nn.sigmoid(from_x[hidden:2 * hidden] + from_h[hidden:2 * hidden])
-    candidate = jnp.tanh(from_x[2 * hidden:]
-                         + reset * (from_h[2 * hidden:] + params["bhn"][:, None]))
+    hidden = h.shape[-2]
+    wi, wh, b = params["wi"], params["wh"], params["b"]
+    # One matmul per gate, on column slices of the stacked kernels: slicing the [3H, N] output of
+    # a single matmul instead makes the backward pass pad each gate's cotangent back to 3H rows,
+    # which XLA's CPU backend turns into slow element-by-element code.
+    gate = [slice(0, hidden), slice(hidden, 2 * hidden), slice(2 * hidden, 3 * hidden)]
+    reset = jax.nn.sigmoid(matmul(wi[:, gate[0]], x) + b[gate[0], None] + matmul(wh[:, gate[0]], h))
+    update = jax.nn.sigmoid(matmul(wi[:, gate[1]], x) + b[gate[1], None]
+                            + matmul(wh[:, gate[1]], h))
+    candidate = jnp.tanh(matmul(wi[:, gate[2]], x) + b[gate[2], None]
+                         + reset * (matmul(wh[:, gate[2]], h) + params["bhn"][:, None]))
     return (1.0 - update) * candidate + update * h
