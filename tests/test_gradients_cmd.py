@@ -97,6 +97,18 @@ def test_select_coordinates_is_stratified_sorted_and_complete():
     assert collect.plan_snapshots(782, 150) == (6, 131)
 
 
+def test_zero_free_windows_and_too_few_snapshots():
+    g = np.arange(1, 10 * 3 + 1, dtype=np.float32).reshape(10, 3)  # [snapshot, coord]
+    g[1, 0] = 0.0  # spoils coord 0's first window
+    windows = collect.zero_free_windows(g, seq_len=5)
+    assert windows.shape == (5, 5)  # 3 coords x 2 windows, one dropped
+    np.testing.assert_array_equal(windows[:, 0], g[5:, 0])
+    np.testing.assert_array_equal(windows[:, 1], g[:5, 1])
+    record = gradients.GradientRecord(grads=g[:2], steps=[0, 1], layer_ids=[0, 0, 0], layer_names=["w"])
+    with pytest.raises(ValueError, match="cannot be split into 3"):
+        collect.analyze({"tiny": record}, "unused-dir")
+
+
 def test_recording_inside_a2c_sees_the_agents_gradient():
     from optim4rl import make_optimizer
     from optim4rl.agents import a2c

@@ -414,6 +414,7 @@ def summarize_record(record: gradients.GradientRecord, n_phases: int = 3) -> dic
         # Exact zeros are structural (inputs that are never on, inactive ReLUs) and sit at the
         # log10(eps) floor; the spread of the non-zero gradients is the scale problem proper.
         "gradient_nonzero": _stats(record.grads[record.grads != 0]),
+        "fraction_coords_always_zero": float(np.mean(np.all(record.grads == 0, axis=0))),
         "phases": {
             name: {"first_step": int(s[0]), "last_step": int(s[-1]), **_stats(values),
                    "nonzero": _stats(values[values != 0])}
@@ -552,15 +553,16 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
     lines: list[str] = ["Sources:", ""]
     for label, rec in summary["records"].items():
         lines.append(f"- **{label}**: {describe(rec['metadata'])}")
-    lines += ["", "| source | snapshots × coords | exactly 0 | log10\\|g\\| p1 / median / p99, g ≠ 0 | "
-             "decades p1–p99, g ≠ 0 | decades p1–p99, all g | excess kurtosis |",
-             "|---|---|---|---|---|---|---|"]
+    lines += ["", "| source | snapshots × coords | g exactly 0 | coords 0 at every snapshot | "
+              "log10\\|g\\| p1 / median / p99, g ≠ 0 | decades p1–p99, g ≠ 0 | "
+              "decades p1–p99, all g | excess kurtosis |", "|---|---|---|---|---|---|---|---|"]
     records = summary["records"]
     for label, rec in records.items():
         g, nonzero = rec["gradient"], rec["gradient_nonzero"]
         lines.append(
             f"| {label} | {rec['num_snapshots']} × {rec['num_coords']} | "
-            f"{g['fraction_zero']:.3f} | {nonzero['log10_p1']:.2f} / {nonzero['log10_median']:.2f}"
+            f"{g['fraction_zero']:.3f} | {rec['fraction_coords_always_zero']:.3f} | "
+            f"{nonzero['log10_p1']:.2f} / {nonzero['log10_median']:.2f}"
             f" / {nonzero['log10_p99']:.2f} | {nonzero['orders_of_magnitude']:.2f} | "
             f"{g['orders_of_magnitude']:.2f} | {g['excess_kurtosis']:.1f} |"
         )
