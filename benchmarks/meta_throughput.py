@@ -1,0 +1,179 @@
+"""Meta-training throughput: environment steps per second of pipeline meta-training, and its memory.
+
+For each preset (CPU scale by default: ``big_dense_long-cpu`` and ``grid6-cpu``), builds the
+``MetaTrainer`` of the preset's ``[meta]`` table with a smaller population (``--agents``, to keep
+the run short), jits ``run_chunk`` (``--iterations-per-chunk`` meta-iterations: per task, K inner
+updates with the learned optimizer, the meta-loss and the meta-gradient through them, and the
+meta-update), and times ``--repeats`` chunks after a first one that compiles. Environment steps
+count every rollout step of a meta-iteration (``MetaConfig.env_steps_per_iteration``: agents ×
+(K + 1) × rollout length per task); rates are per wall-clock second and per CPU second of the
+process (steadier on a machine shared with other jobs).
+
+Each preset runs in its own subprocess, so that its peak resident memory (``ru_maxrss``) is its
+own; where the device reports memory statistics (GPUs), the peak device memory is given too.
+``--block-size`` overrides ``optim4rl.optimizers.base.CPU_BLOCK_SIZE`` (0: the learned optimizer
+runs on all coordinates at once, without cache blocking). Prints a table and writes
+``benchmarks/results/meta_throughput.json``.
+
+    python benchmarks/meta_throughput.py [--presets big_dense_long-cpu,grid6-cpu] [--agents 8]
+        [--iterations-per-chunk 1] [--repeats 3] [--block-size N] [--output PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats: int,
+            block_size: int | None) -> dict:
+    """Rates and memory of meta-training one preset (runs in a fresh process: see `main`)."""
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    from optim4rl import config as config_lib
+    from optim4rl.meta import train as meta_train
+    from optim4rl.meta.pipeline import MetaTrainer
+    from optim4rl.optimizers import base
+
+    if block_size is not None:
+        base.CPU_BLOCK_SIZE = block_size
+    data = dict(config_lib.load_preset(preset)["meta"])
+    data["iterations_per_chunk"] = iterations_per_chunk
+    if agents is not None:
+        data["num_agents"] = agents
+        data["tasks"] = [{k: v for k, v in task.items() if k != "num_agents"} for task in data["tasks"]]
+    cfg = meta_train.load_config(data)
+    trainer = MetaTrainer(cfg)
+
+    t0 = time.perf_counter()
+    state = meta_train.place(trainer.init(), trainer)
+    coordinates = []
+    for pop in state.populations:
+        per_agent = ravel_pytree(jax.tree.map(lambda x: x[0], pop.params))[0].size
+        coordinates.append(int(per_agent) * int(jax.tree.leaves(pop.params)[0].shape[0]))
+    run_chunk = jax.jit(trainer.run_chunk, donate_argnums=0)
+    state, metrics = run_chunk(state)
+    jax.block_until_ready((state, metrics))
+    first_chunk_s = time.perf_counter() - t0
+
+    steps = cfg.env_steps_per_iteration() * iterations_per_chunk
+    marks = [(time.perf_counter(), time.process_time())]
+    for _ in range(repeats):
+        state, metrics = run_chunk(state)
+        jax.block_until_ready((state, metrics))
+        marks.append((time.perf_counter(), time.process_time()))
+    wall = [steps / (b[0] - a[0]) for a, b in zip(marks, marks[1:])]
+    cpu = [steps / (b[1] - a[1]) for a, b in zip(marks, marks[1:])]
+
+    memory = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        memory["peak_device_mib"] = round(stats["peak_bytes_in_use"] / 2**20, 1)
+    return {
+        "preset": preset,
+        "optimizer": cfg.optimizer,
+        "tasks": [t.env for t in cfg.tasks],
+        "agents_per_task": [cfg.task_num_agents(t) for t in cfg.tasks],
+        "optimizer_coordinates": sum(coordinates),
+        "inner_updates": cfg.inner_updates,
+        "rollout_length": cfg.rollout_length,
+        "remat": cfg.remat,
+        "cpu_block_size": base.CPU_BLOCK_SIZE,
+        "env_steps_per_iteration": cfg.env_steps_per_iteration(),
+        "iterations_per_chunk": iterations_per_chunk,
+        "timed_chunks": repeats,
+        "compile_and_first_chunk_s": round(first_chunk_s, 1),
+        "steps_per_s": wall,
+        "steps_per_cpu_s": cpu,
+        "median_steps_per_s": round(statistics.median(wall), 1),
+        "median_steps_per_cpu_s": round(statistics.median(cpu), 1),
+        "median_s_per_iteration": round(statistics.median(steps / r for r in wall) / iterations_per_chunk, 3),
+        **memory,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", default="big_dense_long-cpu,grid6-cpu",
+                        help="comma-separated meta-train presets (names or TOML paths)")
+    parser.add_argument("--agents", type=int, default=8,
+                        help="agents per task instead of the preset's (0: the preset's)")
+    parser.add_argument("--iterations-per-chunk", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed chunks after the first")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="override optim4rl.optimizers.base.CPU_BLOCK_SIZE (0: no blocking)")
+    parser.add_argument("--output", type=pathlib.Path,
+                        default=ROOT / "benchmarks" / "results" / "meta_throughput.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one preset, JSON on stdout
+    args = parser.parse_args()
+    agents = args.agents or None
+
+    if args.worker:
+        row = measure(args.worker, agents, args.iterations_per_chunk, args.repeats, args.block_size)
+        print(json.dumps(row))
+        return
+
+    results = {}
+    for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
+        print(f"running {preset} ...", flush=True)
+        command = [sys.executable, __file__, "--worker", preset, "--agents", str(args.agents),
+                   "--iterations-per-chunk", str(args.iterations_per_chunk),
+                   "--repeats", str(args.repeats)]
+        if args.block_size is not None:
+            command += ["--block-size", str(args.block_size)]
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{preset} failed:\n{proc.stderr[-3000:]}")
+        row = results[preset] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"  {preset}: median {row['median_steps_per_s']:.0f} env-steps/s, "
+              f"{row['median_steps_per_cpu_s']:.0f} per CPU-s, "
+              f"{row['median_s_per_iteration']:.2f} s/meta-iteration, "
+              f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+
+    import jax
+
+    import optim4rl
+
+    device = jax.devices()[0]
+    report = {
+        "benchmark": "meta_throughput",
+        "description": "pipeline meta-training env-steps/s (jitted run_chunk, excluding compilation) "
+                       "and peak memory, one subprocess per preset",
+        "device": f"{device.platform}:{device.device_kind}",
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "machine": platform.processor() or platform.machine(),
+        "jax_version": jax.__version__,
+        "optim4rl_version": optim4rl.__version__,
+        "results": results,
+    }
+    print(f"\nmeta-training throughput, {report['device']}, {args.repeats} timed chunks of "
+          f"{args.iterations_per_chunk} meta-iteration(s)")
+    header = (f"{'preset':<22}{'agents':>8}{'coords':>11}{'steps/s':>10}{'steps/CPU-s':>13}"
+              f"{'s/iter':>8}{'compile s':>11}{'peak RSS MiB':>14}")
+    print(header)
+    for preset, row in results.items():
+        agents_text = ",".join(str(a) for a in sorted(set(row["agents_per_task"])))
+        print(f"{preset:<22}{agents_text:>8}{row['optimizer_coordinates']:>11,}"
+              f"{row['median_steps_per_s']:>10.0f}{row['median_steps_per_cpu_s']:>13.0f}"
+              f"{row['median_s_per_iteration']:>8.2f}{row['compile_and_first_chunk_s']:>11.1f}"
+              f"{row['peak_rss_mib']:>14.0f}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
