@@ -67,17 +67,17 @@ CPU_BLOCK_SIZE = 16384
 # spans all agents, so each agent contributes only CPU_BLOCK_SIZE / agents coordinates.
 MIN_BLOCK_WIDTH = 128
 
-Network = Callable[[Any, tuple, tuple], tuple]
+Network = Callable[[Any, tuple], tuple]
 
 
-def coordinatewise(network: Network, phi: Any, shared: tuple, columns: tuple) -> tuple:
-    """``network(phi, shared, columns)``, computed in cache-sized blocks of coordinates on CPU.
+def coordinatewise(network: Network, phi: Any, columns: tuple) -> tuple:
+    """``network(phi, columns)``, computed in cache-sized blocks of coordinates on CPU.
 
-    ``columns`` (and the returned tuple) hold arrays whose last axis is the coordinate axis,
-    ``[N]`` or ``[features, N]``; ``shared`` is a tuple of scalars (the step size). ``network``
-    must be coordinate-wise (output coordinate i depends on coordinate i of the columns only,
-    through ``phi`` and ``shared``) and must accept extra leading batch axes
-    (``[..., features, n]``), as the functions of :mod:`optim4rl.optimizers.nets` do.
+    ``columns`` (and the tuple ``network`` returns) hold arrays whose last axis is the coordinate
+    axis, ``[N]`` or ``[features, N]``. ``network`` must be coordinate-wise (output coordinate i
+    depends only on ``phi`` and on coordinate i of the columns) and must accept leading batch axes
+    on the columns and on the leaves of ``phi`` (``[..., features, n]`` and ``[..., in, out]``),
+    as the functions of :mod:`optim4rl.optimizers.nets` do.
 
     Why: the network keeps ~24 activations per coordinate, so on a whole agent population
     (millions of coordinates) every layer streams [24, N] arrays through main memory, and
@@ -86,18 +86,18 @@ def coordinatewise(network: Network, phi: Any, shared: tuple, columns: tuple) ->
     backward pass (a custom VJP) recomputes each block's activations right before that block's
     vector-Jacobian product: nothing larger than the inputs and outputs is kept for the backward
     pass, and each block's forward and backward run on cached data. Under ``vmap`` (a population
-    of agents) a custom batching rule makes a block span all agents with a narrower width per
-    agent, so the block stays cache-sized. Results equal the plain computation up to float32
+    of agents) a custom batching rule makes each block span all agents, with fewer coordinates
+    per agent, so that it stays cache-sized. Results equal the plain computation up to float32
     rounding (sums over coordinates are added block by block).
 
-    On GPU, or with ``CPU_BLOCK_SIZE <= 0``, this is just ``network(phi, shared, columns)``.
-    The blocked version supports jit, vmap and reverse-mode differentiation (what meta-training
-    uses), not forward-mode (``jax.jvp``).
+    On GPU, or with ``CPU_BLOCK_SIZE <= 0``, this is just ``network(phi, columns)``. The blocked
+    version supports jit, vmap and reverse-mode differentiation (what meta-training uses), not
+    forward-mode (``jax.jvp``).
     """
-    shared, columns = tuple(shared), tuple(columns)
+    columns = tuple(columns)
     if CPU_BLOCK_SIZE <= 0 or jax.default_backend() != "cpu":
-        return tuple(network(phi, shared, columns))
-    return _blocked_call(network, CPU_BLOCK_SIZE, phi, shared, columns)
+        return tuple(network(phi, columns))
+    return tuple(_blocked(network, CPU_BLOCK_SIZE)(phi, columns))
 
 
 def _block_layout(n: int, batch: int, block_size: int) -> tuple[int, int]:
@@ -123,15 +123,15 @@ def _put_block(x: Array, block: Array, start: Array) -> Array:
     return jax.lax.dynamic_update_slice_in_dim(x, block, start, axis=x.ndim - 1)
 
 
-def _forward_blocks(network, block_size, batch_dims, phi, shared, columns):
+def _forward_blocks(network, block_size, batch_dims, phi, columns):
     """The network's outputs, block by block; columns carry ``batch_dims`` leading batch axes."""
     n = columns[0].shape[-1]
     width, num_blocks = _block_layout(n, math.prod(columns[0].shape[:batch_dims]), block_size)
     if num_blocks == 1:
-        return tuple(network(phi, shared, columns))
+        return tuple(network(phi, columns))
 
     def run_block(start):
-        return tuple(network(phi, shared, tuple(_slice_block(c, start, width) for c in columns)))
+        return tuple(network(phi, tuple(_slice_block(c, start, width) for c in columns)))
 
     def body(step, outputs):
         # Last block first, so that the overlap ends up written by the block that owns it.
@@ -143,10 +143,18 @@ def _forward_blocks(network, block_size, batch_dims, phi, shared, columns):
     return jax.lax.fori_loop(0, num_blocks, body, outputs)
 
 
-def _backward_blocks(network, block_size, batch_dims, phi, shared, columns, cotangents):
-    """``(dphi, dshared, dcolumns)``: per block, recompute the activations, then their VJP."""
+def _backward_blocks(network, block_size, batch_dims, phi, columns, cotangents):
+    """``(dphi, dcolumns)``: per block, recompute the activations, then take their VJP.
+
+    With batch axes, ``dphi`` has them too: every member of the batch gets the cotangent of its
+    own use of ``φ`` (what a vmapped VJP must return; vmap sums it where φ is shared).
+    """
     n = columns[0].shape[-1]
-    width, num_blocks = _block_layout(n, math.prod(columns[0].shape[:batch_dims]), block_size)
+    batch_shape = columns[0].shape[:batch_dims]
+    width, num_blocks = _block_layout(n, math.prod(batch_shape), block_size)
+    # Broadcast over the batch, φ's cotangent is per member. Broadcasting costs nothing: the
+    # network broadcasts its weights over the batch axes anyway.
+    phi = jax.tree.map(lambda x: jnp.broadcast_to(x, batch_shape + x.shape), phi)
 
     def block_vjp(index, start):
         block = tuple(_slice_block(c, start, width) for c in columns)
@@ -155,100 +163,88 @@ def _backward_blocks(network, block_size, batch_dims, phi, shared, columns, cota
         owned = start + jax.lax.iota(jnp.int32, width) >= index * width
         block_cotangents = tuple(jnp.where(owned, c, jnp.zeros((), c.dtype))
                                  for c in block_cotangents)
-        _, vjp = jax.vjp(lambda *args: tuple(network(*args)), phi, shared, block)
+        _, vjp = jax.vjp(lambda p, c: tuple(network(p, c)), phi, block)
         return vjp(block_cotangents)
 
     if num_blocks == 1:
         return block_vjp(0, 0)
 
     def body(step, carry):
-        dphi, dshared, dcolumns = carry
+        dphi, dcolumns = carry
         # Last block first: its (masked) overlap is then overwritten by the owning block.
         index = num_blocks - 1 - step
         start = _block_start(index, width, n)
-        block_dphi, block_dshared, block_dcolumns = block_vjp(index, start)
+        block_dphi, block_dcolumns = block_vjp(index, start)
         dphi = jax.tree.map(jnp.add, dphi, block_dphi)
-        dshared = jax.tree.map(jnp.add, dshared, block_dshared)
         dcolumns = tuple(_put_block(d, b, start) for d, b in zip(dcolumns, block_dcolumns))
-        return dphi, dshared, dcolumns
+        return dphi, dcolumns
 
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
-    return jax.lax.fori_loop(0, num_blocks, body, (zeros(phi), zeros(shared), zeros(columns)))
+    return jax.lax.fori_loop(0, num_blocks, body, (zeros(phi), zeros(columns)))
 
 
-def _batched(in_batched) -> bool:
-    return any(jax.tree.leaves(in_batched))
+def _with_batch_axis(axis_size: int, values: tuple, batched: tuple) -> tuple:
+    return tuple(v if b else jnp.broadcast_to(v, (axis_size,) + v.shape)
+                 for v, b in zip(values, batched))
 
 
-def _add_batch_axis(axis_size: int, values: tuple, in_batched: tuple) -> tuple:
-    return tuple(v if batched else jnp.broadcast_to(v, (axis_size,) + v.shape)
-                 for v, batched in zip(values, in_batched))
+def _vmap_with(fn, in_batched, *args):
+    """Plain ``vmap`` (blocks not resized): for a batched φ, e.g. one φ per meta-training seed."""
+    in_axes = jax.tree.map(lambda b: 0 if b else None, in_batched)
+    outputs = jax.vmap(fn, in_axes=in_axes)(*args)
+    return outputs, jax.tree.map(lambda _: True, outputs)
 
 
-def _forward_fn(network, block_size: int, batch_dims: int):
-    """`_forward_blocks` for columns with `batch_dims` batch axes, re-blocked under vmap."""
+def _forward(network, block_size: int, batch_dims: int):
+    """`_forward_blocks` for columns with `batch_dims` batch axes; vmap adds one more."""
     forward = functools.partial(_forward_blocks, network, block_size, batch_dims)
     batched_forward = custom_vmap(forward)
 
     @batched_forward.def_vmap
-    def rule(axis_size, in_batched, phi, shared, columns):
-        phi_batched, shared_batched, columns_batched = in_batched
-        if _batched(phi_batched) or _batched(shared_batched):
-            # Per-member φ or step size (rare): plain vmap, blocks not resized.
-            in_axes = jax.tree.map(lambda b: 0 if b else None, in_batched)
-            outputs = jax.vmap(forward, in_axes=in_axes)(phi, shared, columns)
-        else:
-            columns = _add_batch_axis(axis_size, columns, columns_batched)
-            outputs = _forward_fn(network, block_size, batch_dims + 1)(phi, shared, columns)
+    def rule(axis_size, in_batched, phi, columns):
+        phi_batched, columns_batched = in_batched
+        if any(jax.tree.leaves(phi_batched)):
+            return _vmap_with(forward, in_batched, phi, columns)
+        columns = _with_batch_axis(axis_size, columns, columns_batched)
+        outputs = _forward(network, block_size, batch_dims + 1)(phi, columns)
         return outputs, tuple(True for _ in outputs)
 
     return batched_forward
 
 
-def _backward_fn(network, block_size: int, batch_dims: int):
-    """`_backward_blocks` for columns with `batch_dims` batch axes, re-blocked under vmap."""
+def _backward(network, block_size: int, batch_dims: int):
+    """`_backward_blocks` for columns with `batch_dims` batch axes; vmap adds one more."""
     backward = functools.partial(_backward_blocks, network, block_size, batch_dims)
     batched_backward = custom_vmap(backward)
 
     @batched_backward.def_vmap
-    def rule(axis_size, in_batched, phi, shared, columns, cotangents):
-        phi_batched, shared_batched, columns_batched, cotangents_batched = in_batched
-        if _batched(phi_batched) or _batched(shared_batched):
-            in_axes = jax.tree.map(lambda b: 0 if b else None, in_batched)
-            grads = jax.vmap(backward, in_axes=in_axes)(phi, shared, columns, cotangents)
-            return grads, jax.tree.map(lambda _: True, grads)
-        columns = _add_batch_axis(axis_size, columns, columns_batched)
-        cotangents = _add_batch_axis(axis_size, cotangents, cotangents_batched)
-        dphi, dshared, dcolumns = _backward_fn(network, block_size, batch_dims + 1)(
-            phi, shared, columns, cotangents)
-        # φ and the shared scalars are the same for every member: their cotangents come out
-        # already summed over the batch, which is what vmap of a VJP expects for them.
-        out_batched = (jax.tree.map(lambda _: False, dphi), jax.tree.map(lambda _: False, dshared),
-                       tuple(True for _ in dcolumns))
-        return (dphi, dshared, dcolumns), out_batched
+    def rule(axis_size, in_batched, phi, columns, cotangents):
+        phi_batched, columns_batched, cotangents_batched = in_batched
+        if any(jax.tree.leaves(phi_batched)):
+            return _vmap_with(backward, in_batched, phi, columns, cotangents)
+        columns = _with_batch_axis(axis_size, columns, columns_batched)
+        cotangents = _with_batch_axis(axis_size, cotangents, cotangents_batched)
+        grads = _backward(network, block_size, batch_dims + 1)(phi, columns, cotangents)
+        return grads, jax.tree.map(lambda _: True, grads)
 
     return batched_backward
 
 
-def _blocked_fn(network, block_size: int):
+def _blocked(network, block_size: int):
     @jax.custom_vjp
-    def blocked(phi, shared, columns):
-        return _forward_fn(network, block_size, 0)(phi, shared, columns)
+    def blocked(phi, columns):
+        return _forward(network, block_size, 0)(phi, columns)
 
-    def blocked_fwd(phi, shared, columns):
+    def blocked_fwd(phi, columns):
         # Residuals are the inputs only: the backward pass recomputes each block.
-        return blocked(phi, shared, columns), (phi, shared, columns)
+        return blocked(phi, columns), (phi, columns)
 
     def blocked_bwd(residuals, cotangents):
-        phi, shared, columns = residuals
-        return _backward_fn(network, block_size, 0)(phi, shared, columns, tuple(cotangents))
+        phi, columns = residuals
+        return _backward(network, block_size, 0)(phi, columns, tuple(cotangents))
 
     blocked.defvjp(blocked_fwd, blocked_bwd)
     return blocked
-
-
-def _blocked_call(network, block_size, phi, shared, columns):
-    return tuple(_blocked_fn(network, block_size)(phi, shared, columns))
 
 
 @dataclasses.dataclass(frozen=True)

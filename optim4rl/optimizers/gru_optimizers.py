@@ -6,7 +6,8 @@ across coordinates. They differ in what the GRU reads and in how its output beco
 
 Each ``step`` hands a coordinate-wise ``_network`` to :func:`~optim4rl.optimizers.base.coordinatewise`,
 which runs it in cache-sized blocks on CPU; the networks therefore take columns ``[..., N]`` /
-``[..., features, N]`` with possible leading batch axes.
+``[..., features, N]`` with possible leading batch axes, and return the update divided by ``−α``
+(the step size multiplies it outside, so that the network depends on φ and the columns only).
 """
 
 from __future__ import annotations
@@ -114,12 +115,12 @@ class Optim4RL(LearnedOptimizer):
         return jnp.stack([sign, log_abs], axis=-2), (2.0 * log_abs)[..., None, :]
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        delta, hidden_m, hidden_v = coordinatewise(
-            self._network, phi, (learning_rate,), (grads, state.hidden_m, state.hidden_v))
-        return delta, Optim4RLState(hidden_m, hidden_v, state.count + 1)
+        direction, hidden_m, hidden_v = coordinatewise(
+            self._network, phi, (grads, state.hidden_m, state.hidden_v))
+        return -learning_rate * direction, Optim4RLState(hidden_m, hidden_v, state.count + 1)
 
-    def _network(self, phi, shared, columns):
-        (learning_rate,), (grads, hidden_m, hidden_v) = shared, columns
+    def _network(self, phi, columns):
+        grads, hidden_m, hidden_v = columns
         inputs_m, inputs_v = self.network_inputs(grads)
         hidden_m = gru_apply(phi["gru_m"], hidden_m, inputs_m)
         hidden_v = gru_apply(phi["gru_v"], hidden_v, inputs_v)
@@ -127,8 +128,7 @@ class Optim4RL(LearnedOptimizer):
         o2 = mlp_apply(phi["head_v"], hidden_v)[..., 0, :]
         m = jnp.sign(grads) * jnp.exp(o1)
         v = jnp.exp(o2)
-        delta = -learning_rate * m * jax.lax.rsqrt(v + self.eps)
-        return delta, hidden_m, hidden_v
+        return m * jax.lax.rsqrt(v + self.eps), hidden_m, hidden_v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,15 +169,14 @@ class L2L(LearnedOptimizer):
                         count=jnp.zeros((), jnp.int32))
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        delta, hidden = coordinatewise(self._network, phi, (learning_rate,), (grads, state.hidden))
-        return delta, GRUState(hidden, state.count + 1)
+        direction, hidden = coordinatewise(self._network, phi, (grads, state.hidden))
+        return -learning_rate * direction, GRUState(hidden, state.count + 1)
 
-    def _network(self, phi, shared, columns):
-        (learning_rate,), (grads, hidden) = shared, columns
+    def _network(self, phi, columns):
+        grads, hidden = columns
         hidden = gru_apply(phi["gru"], hidden, l2l_features(grads, self.p, self.eps))
         o = mlp_apply(phi["head"], hidden)[..., 0, :]
-        delta = -learning_rate * jnp.exp(o) * grads
-        return delta, hidden
+        return jnp.exp(o) * grads, hidden
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,13 +211,11 @@ class Lin(LearnedOptimizer):
                         count=jnp.zeros((), jnp.int32))
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        delta, hidden = coordinatewise(self._network, phi, (learning_rate,), (grads, state.hidden))
-        return delta, GRUState(hidden, state.count + 1)
+        direction, hidden = coordinatewise(self._network, phi, (grads, state.hidden))
+        return -learning_rate * direction, GRUState(hidden, state.count + 1)
 
-    def _network(self, phi, shared, columns):
-        (learning_rate,), (grads, hidden) = shared, columns
+    def _network(self, phi, columns):
+        grads, hidden = columns
         hidden = gru_apply(phi["gru"], hidden, grads[..., None, :])
         out = mlp_apply(phi["head"], hidden)
-        scale, free, direction = out[..., 0, :], out[..., 1, :], out[..., 2, :]
-        delta = -learning_rate * (jnp.exp(scale) * grads + jnp.exp(free) * direction)
-        return delta, hidden
+        return jnp.exp(out[..., 0, :]) * grads + jnp.exp(out[..., 1, :]) * out[..., 2, :], hidden

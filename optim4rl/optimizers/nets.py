@@ -11,16 +11,13 @@ Activations are *feature-major*, ``x: [features, N]``: the long coordinate axis 
 With only 1-24 features per coordinate this is several times faster on CPU than ``[N, features]``
 (and it is the coalesced layout on GPU). Weights keep the usual ``w: [in, out]`` shape.
 
-Every function also accepts leading batch axes, ``x: [..., features, N]``: a block of a vmapped
-population arrives as ``[agents, features, width]`` (see
-:func:`optim4rl.optimizers.base.coordinatewise`). The weights are then broadcast over the batch
-axes and each layer is one batched matmul, so no activation is ever transposed: moving the agent
-axis next to the coordinate axis instead costs a transpose per layer, and XLA's CPU kernels for
-transposed operands are several times slower than the matmuls themselves.
-
-Initialisation and gate equations follow ``flax.linen.GRUCell`` / ``flax.linen.Dense``
-(LeCun-normal input kernels, orthogonal recurrent kernels, zero biases), the networks the reference
-implementation of Optim4RL (sail-sg/optim4rl) was built with.
+Every function also accepts leading batch axes, ``x: [..., features, N]``, and parameters with
+the same leading axes (``w: [..., in, out]``): a block of a vmapped population arrives as
+``[agents, features, width]``, and its backward pass differentiates per-agent copies of the
+weights (see :func:`optim4rl.optimizers.base.coordinatewise`). Weights are broadcast over the
+batch axes and each layer is one batched matmul, so no activation is ever transposed: moving the
+agent axis next to the coordinate axis instead costs a transpose per layer, and XLA's CPU
+kernels for transposed operands are several times slower than the matmuls themselves.
 """
 
 from __future__ import annotations
@@ -72,17 +69,18 @@ def mlp_init(key: Array, in_size: int, hidden_sizes: Sequence[int], out_size: in
 
 def dense_apply(layer: Params, x: Array) -> Array:
     """Affine map on feature-major activations: ``x: [..., in, N] -> [..., out, N]``."""
-    return matmul(layer["w"], x) + layer["b"][:, None]
+    return matmul(layer["w"], x) + layer["b"][..., :, None]
 
 
 def matmul(w: Array, x: Array) -> Array:
-    """``w: [in, out]`` applied to feature-major ``x: [..., in, N]``, giving ``[..., out, N]``."""
-    if x.ndim == 2:
+    """``w: [..., in, out]`` applied to feature-major ``x: [..., in, N]``, giving ``[..., out, N]``."""
+    if w.ndim == 2 and x.ndim == 2:
         return jnp.einsum("io,in->on", w, x)
     # Leading batch axes: one batched matmul with the (tiny) weights broadcast over the batch,
     # rather than a plain contraction, which XLA follows with a transpose of the whole output.
-    w_t = jnp.broadcast_to(w.T, x.shape[:-2] + w.T.shape)
-    return jnp.einsum("...oi,...in->...on", w_t, x)
+    batch = jnp.broadcast_shapes(w.shape[:-2], x.shape[:-2])
+    w_t = jnp.broadcast_to(jnp.swapaxes(w, -1, -2), batch + (w.shape[-1], w.shape[-2]))
+    return jnp.einsum("...oi,...in->...on", w_t, jnp.broadcast_to(x, batch + x.shape[-2:]))
 
 
 def mlp_apply(params: Params, x: Array) -> Array:
@@ -126,10 +124,9 @@ def gru_apply(params: Params, h: Array, x: Array) -> Array:
     # One matmul per gate, on column slices of the stacked kernels: slicing the [3H, N] output of
     # a single matmul instead makes the backward pass pad each gate's cotangent back to 3H rows,
     # which XLA's CPU backend turns into slow element-by-element code.
-    gate = [slice(0, hidden), slice(hidden, 2 * hidden), slice(2 * hidden, 3 * hidden)]
-    reset = jax.nn.sigmoid(matmul(wi[:, gate[0]], x) + b[gate[0], None] + matmul(wh[:, gate[0]], h))
-    update = jax.nn.sigmoid(matmul(wi[:, gate[1]], x) + b[gate[1], None]
-                            + matmul(wh[:, gate[1]], h))
-    candidate = jnp.tanh(matmul(wi[:, gate[2]], x) + b[gate[2], None]
-                         + reset * (matmul(wh[:, gate[2]], h) + params["bhn"][:, None]))
+    r, z, n = (slice(i * hidden, (i + 1) * hidden) for i in range(3))
+    reset = jax.nn.sigmoid(matmul(wi[..., r], x) + b[..., r, None] + matmul(wh[..., r], h))
+    update = jax.nn.sigmoid(matmul(wi[..., z], x) + b[..., z, None] + matmul(wh[..., z], h))
+    candidate = jnp.tanh(matmul(wi[..., n], x) + b[..., n, None]
+                         + reset * (matmul(wh[..., n], h) + params["bhn"][..., :, None]))
     return (1.0 - update) * candidate + update * h

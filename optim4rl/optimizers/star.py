@@ -57,22 +57,6 @@ def learned_decay(initial: tuple[float, ...], shift: Array) -> Array:
     return 1.0 - (1.0 - jnp.asarray(initial, jnp.float32)) * jnp.exp(10.0 * shift)
 
 
-def per_tensor_normalise(features: Array, leaf_sizes: tuple[int, ...]) -> Array:
-    """Divide each feature by its root mean square over the coordinates of each tensor.
-
-    ``features: [F, N]``; the tensors are the contiguous runs of ``leaf_sizes`` coordinates.
-    Only these per-tensor statistics look at tensor boundaries (static slices; an index array of
-    N leaf ids would be a constant as large as the agent).
-    """
-    blocks, start = [], 0
-    for size in leaf_sizes:
-        block = features[:, start:start + size]
-        mean_square = jnp.mean(jnp.square(block), axis=1, keepdims=True)
-        blocks.append(block * jax.lax.rsqrt(1e-5 + mean_square))
-        start += size
-    return jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-
-
 @dataclasses.dataclass(frozen=True)
 class STAR(LearnedOptimizer):
     """STAR: MLP learned optimizer with a nominal Adam-like term (see the module docstring).
@@ -143,6 +127,22 @@ class STAR(LearnedOptimizer):
         return STARState(momentum=zeros(self.momentum_decays), rms=zeros(self.rms_decays),
                          adafactor=zeros(self.adafactor_decays), count=jnp.zeros((), jnp.int32))
 
+    def features(self, grads: Array, params: Array, momentum: Array, rms: Array,
+                 adafactor: Array) -> Array:
+        """The per-coordinate inputs before normalisation, ``[num_features, n]``.
+
+        The feature list (duplicates included) is learned_optimization's non-factored case.
+        """
+        g = grads[None]
+        rsqrt_rms = jax.lax.rsqrt(rms + 1e-6)
+        rsqrt_adafactor = jax.lax.rsqrt(adafactor + 1e-8)
+        return jnp.concatenate([
+            g, params[None], momentum, rms, momentum * rsqrt_rms, rsqrt_rms,
+            g * jax.lax.rsqrt(jnp.maximum(adafactor + 1e-9, 1e-9)),
+            adafactor, adafactor, rsqrt_adafactor, rsqrt_adafactor,
+            momentum * (adafactor + 1e-6) ** -0.5,
+        ], axis=0)
+
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
         g = grads[None]
         g_square = jnp.square(g)
@@ -156,29 +156,34 @@ class STAR(LearnedOptimizer):
         rms = decay_r * state.rms + (1.0 - decay_r) * g_square
         adafactor = decay_f * state.adafactor + (1.0 - decay_f) * (g_square + 1e-30)
 
-        rsqrt_rms = jax.lax.rsqrt(rms + 1e-6)
-        adam = momentum * rsqrt_rms
-        rsqrt_adafactor = jax.lax.rsqrt(adafactor + 1e-8)
-        # The feature list (duplicates included) is learned_optimization's non-factored case.
-        features = jnp.concatenate([
-            g, params[None], momentum, rms, adam, rsqrt_rms,
-            g * jax.lax.rsqrt(jnp.maximum(adafactor + 1e-9, 1e-9)),
-            adafactor, adafactor, rsqrt_adafactor, rsqrt_adafactor,
-            momentum * (adafactor + 1e-6) ** -0.5,
-        ], axis=0)
-        features = per_tensor_normalise(features, leaf_sizes)
-
         # The step embedding is the same for every coordinate: fold it into the first bias
         # instead of broadcasting an [11, N] block.
         mlp = phi["mlp"]
         first = mlp["dense0"]
         embedding_bias = step_embedding(state.count) @ first["w"][self.num_features:] + first["b"]
-        x = dense_apply({"w": first["w"][:self.num_features], "b": embedding_bias}, features)
+        feature_weights = first["w"][:self.num_features]
+        # Each feature is divided by its root mean square over the coordinates of each tensor
+        # (the tensors are the contiguous runs of leaf_sizes coordinates; static slices, as an
+        # index array of N leaf ids would be a constant as large as the agent). The division is
+        # folded into a per-tensor copy of the first layer's weights, so the [num_features, n]
+        # features of a tensor are written once and read twice (statistics, first layer) instead
+        # of being rescaled and concatenated into a second [num_features, N] array.
+        hidden, start = [], 0
+        for size in leaf_sizes:
+            part = slice(start, start + size)
+            features = self.features(grads[part], params[part], momentum[:, part], rms[:, part],
+                                     adafactor[:, part])
+            scale = jax.lax.rsqrt(1e-5 + jnp.mean(jnp.square(features), axis=1))
+            hidden.append(dense_apply({"w": scale[:, None] * feature_weights, "b": embedding_bias},
+                                      features))
+            start += size
+        x = jnp.concatenate(hidden, axis=1) if len(hidden) > 1 else hidden[0]
         for i in range(1, len(mlp)):
             x = dense_apply(mlp[f"dense{i}"], jax.nn.relu(x))
         direction, magnitude = x[0], x[1]
 
         learned_step = direction * jnp.exp(self.exp_mult * magnitude) * learning_rate
+        adam = momentum * jax.lax.rsqrt(rms + 1e-6)
         nominal_step = (self.nominal_stepsize * np.exp(self.exp_mult)) * jnp.mean(adam, axis=0)
         delta = -(learned_step + nominal_step)
         return delta, STARState(momentum, rms, adafactor, state.count + 1)
