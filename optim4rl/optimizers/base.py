@@ -60,9 +60,10 @@ def clip_enabled(grad_clip: Any) -> bool:
 # -- coordinate-wise networks in cache-sized blocks ---------------------------------------------
 
 # Coordinates per block when a coordinate-wise network runs on CPU (see `coordinatewise`); 0 or
-# less runs the network on all coordinates at once, as on GPU. 16k coordinates keep a layer's
-# activations ([16, 16k] float32 = 1 MiB) in the last-level cache; 4k-32k measure about the same.
-CPU_BLOCK_SIZE = 16384
+# less runs the network on all coordinates at once, as on GPU. A block's activations then stay in
+# the last-level cache ([16, 32k] float32 = 2 MiB per layer). Measured on a 2-core EPYC: the
+# meta-gradient is fastest at 32k (16k: +20%, 64k: +25%), the forward pass at 32k-64k.
+CPU_BLOCK_SIZE = 32768
 # Narrowest block along one agent's coordinates when a population is vmapped: the block then
 # spans all agents, so each agent contributes only CPU_BLOCK_SIZE / agents coordinates.
 MIN_BLOCK_WIDTH = 128

@@ -22,10 +22,12 @@ kernels for transposed operands are several times slower than the matmuls themse
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 Array = jax.Array
 Params = dict
@@ -119,14 +121,47 @@ def gru_apply(params: Params, h: Array, x: Array) -> Array:
     flax GRUCell equations: ``r = σ(Wir x + Whr h + br)``, ``z = σ(Wiz x + Whz h + bz)``,
     ``n = tanh(Win x + bin + r ⊙ (Whn h + bhn))``, ``h' = (1 − z) ⊙ n + z ⊙ h``.
     """
+    b, bhn = params["b"], params["bhn"]
+    x_r, x_z, x_n = gate_matmul(params["wi"], x, 3)
+    h_r, h_z, h_n = gate_matmul(params["wh"], h, 3)
     hidden = h.shape[-2]
-    wi, wh, b = params["wi"], params["wh"], params["b"]
-    # One matmul per gate, on column slices of the stacked kernels: slicing the [3H, N] output of
-    # a single matmul instead makes the backward pass pad each gate's cotangent back to 3H rows,
-    # which XLA's CPU backend turns into slow element-by-element code.
     r, z, n = (slice(i * hidden, (i + 1) * hidden) for i in range(3))
-    reset = jax.nn.sigmoid(matmul(wi[..., r], x) + b[..., r, None] + matmul(wh[..., r], h))
-    update = jax.nn.sigmoid(matmul(wi[..., z], x) + b[..., z, None] + matmul(wh[..., z], h))
-    candidate = jnp.tanh(matmul(wi[..., n], x) + b[..., n, None]
-                         + reset * (matmul(wh[..., n], h) + params["bhn"][..., :, None]))
+    reset = jax.nn.sigmoid(x_r + b[..., r, None] + h_r)
+    update = jax.nn.sigmoid(x_z + b[..., z, None] + h_z)
+    candidate = jnp.tanh(x_n + b[..., n, None] + reset * (h_n + bhn[..., :, None]))
     return (1.0 - update) * candidate + update * h
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def gate_matmul(w: Array, x: Array, num_gates: int) -> tuple[Array, ...]:
+    """``matmul(w, x)`` split into ``num_gates`` equal row blocks (one per gate).
+
+    The forward pass is one matmul with the stacked kernels. Its derivative is taken gate by gate
+    (custom JVP, so forward and reverse mode both work): differentiating the slices of one
+    matmul's output would pad each gate's cotangent back to all rows in the backward pass, which
+    XLA's CPU backend turns into slow element-by-element code; per-gate matmuls avoid the pads.
+    """
+    out = matmul(w, x)
+    size = out.shape[-2] // num_gates
+    return tuple(out[..., i * size:(i + 1) * size, :] for i in range(num_gates))
+
+
+def _gate_matmul_jvp(num_gates, primals, tangents):
+    w, x = primals
+    w_dot, x_dot = tangents
+    size = w.shape[-1] // num_gates
+    out_tangents = []
+    for i in range(num_gates):
+        columns = slice(i * size, (i + 1) * size)
+        terms = []
+        if not isinstance(w_dot, SymbolicZero):
+            terms.append(matmul(w_dot[..., columns], x))
+        if not isinstance(x_dot, SymbolicZero):
+            terms.append(matmul(w[..., columns], x_dot))
+        out_tangents.append(sum(terms[1:], terms[0]) if terms
+                            else jnp.zeros(jnp.broadcast_shapes(w.shape[:-2], x.shape[:-2])
+                                           + (size, x.shape[-1]), x.dtype))
+    return gate_matmul(w, x, num_gates), tuple(out_tangents)
+
+
+gate_matmul.defjvp(_gate_matmul_jvp, symbolic_zeros=True)
