@@ -75,9 +75,9 @@ def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[floa
     return label, name, rates
 
 
-def _run_dir(out: Path, env: str, label: str, lr: float) -> Path:
+def _run_dir(runs_dir: Path, env: str, label: str, lr: float) -> Path:
     safe = label.replace(":", "_").replace("/", "_")
-    return out / "runs" / env / safe / f"lr{lr:g}"
+    return runs_dir / env / safe / f"lr{lr:g}"
 
 
 def _finished(run_dir: Path, expected: dict) -> bool:
@@ -91,10 +91,17 @@ def _finished(run_dir: Path, expected: dict) -> bool:
     return recorded == to_jsonable(expected)
 
 
-def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | None = None) -> dict[str, Any]:
+def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | None = None,
+        runs_dir: Path | str | None = None) -> dict[str, Any]:
+    """Runs (or reuses) every optimizer × step size × task and writes the comparison to ``out``.
+
+    ``runs_dir`` (default ``out/runs``) holds the training runs; several comparisons can share
+    one, so a run they have in common (same config and optimizer file) is trained once.
+    """
     from optim4rl.analysis import stats
 
     out = Path(out)
+    runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     entries = [parse_optimizer(e, spec) for e in spec.optimizers]
     labels = [e[0] for e in entries]
     if spec.reference not in labels:
@@ -119,8 +126,8 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 if spec.steps:
                     overrides["total_steps"] = spec.steps
                 agent_cfg = training.resolve_agent_config(train_spec, overrides, scale=spec.scale)
-                run_dir = _run_dir(out, env, label, lr)
-                expected = {"train": train_spec, "agent": agent_cfg}
+                run_dir = _run_dir(runs_dir, env, label, lr)
+                expected = training.run_config(train_spec, agent_cfg)
                 skipped = _finished(run_dir, expected)
                 if callback:
                     callback({"event": "start", "env": env, "optimizer": label, "learning_rate": lr,

@@ -95,7 +95,8 @@ def run(budget: str, out: Path | str, callback: Callable[[dict], None] | None = 
                                    scale="paper" if budget == "paper" else "cpu")
         if callback:
             callback({"event": "experiment", "name": exp.name, "title": exp.title})
-        compare.run(spec, out / exp.name, callback=callback)
+        # One runs/ directory for all experiments: a run two experiments share is trained once.
+        compare.run(spec, out / exp.name, callback=callback, runs_dir=out / "runs")
     return write_report(out, budget, selected)
 
 

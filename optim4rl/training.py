@@ -20,6 +20,7 @@ import numpy as np
 
 from optim4rl import config as config_lib
 from optim4rl.errors import ConfigError
+from optim4rl.optimizers.make import optimizer_source
 from optim4rl.parallel import population_mesh, shard_population
 from optim4rl.runs import RunDir, load_checkpoint, read_csv, save_checkpoint
 
@@ -140,6 +141,16 @@ def score_of(returns: np.ndarray, fraction: float) -> np.ndarray:
         return np.nanmean(np.where(np.isfinite(tail), tail, np.nan), axis=-1)
 
 
+def run_config(spec: TrainSpec, agent_config: Any, extra_config: Mapping[str, Any] | None = None) -> dict:
+    """What config.json records as the run's config (compare matches it to skip finished runs).
+
+    A learned optimizer read from a file is recorded with the file's SHA-256, so replacing the
+    file makes an old run directory stale instead of silently reused.
+    """
+    return {"train": spec, "agent": agent_config,
+            "optimizer_source": optimizer_source(spec.optimizer), **(extra_config or {})}
+
+
 def run(
     spec: TrainSpec,
     agent_config: Any,
@@ -168,7 +179,7 @@ def run(
         writer = run_dir.metrics_writer()
     # The config as asked for; the chunk size chosen for logging is recorded beside it.
     run_dir.write_config(
-        {"train": spec, "agent": agent_config, **(extra_config or {})},
+        run_config(spec, agent_config, extra_config),
         updates_per_chunk=train.updates_per_chunk,
         seeds=seed_ids.tolist(),
         devices=[str(d) for d in jax.devices()],

@@ -100,6 +100,24 @@ def _numpy_lambda_returns(rewards, discounts, next_values, lam):
     return returns
 
 
+@pytest.mark.parametrize("kernel", [(2, 2), (3, 3), (2, 3), (1, 1)])
+def test_patch_conv_equals_flax_conv(kernel):
+    """The big-gridworld torso's conv is written as patches x matmul (fast inside scans on CPU);
+    it must have nn.Conv's parameters and initialisation and compute the same function."""
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(1), (3, 15, 11, 5))
+    ref, ours = nn.Conv(16, kernel), networks.PatchConv(16, kernel)
+    params = ref.init(jax.random.key(0), x)
+    own = ours.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, own) == jax.tree.map(jnp.shape, params)
+    np.testing.assert_array_equal(own["params"]["kernel"], params["params"]["kernel"])
+    np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+    grad_ref = jax.grad(lambda p: jnp.sum(jnp.sin(ref.apply(p, x))))(params)
+    grad_own = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x))))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grad_own, grad_ref)
+
+
 def test_td_lambda_returns_match_numpy():
     rng = np.random.default_rng(0)
     rewards = rng.normal(size=(6, 3)).astype(np.float32)

@@ -14,7 +14,7 @@ from optim4rl.optimizers.base import GRUState, LearnedOptimizer
 from optim4rl.optimizers.files import load, save
 from optim4rl.optimizers.gru_optimizers import (L2L, Lin, Optim4RL, Optim4RLState, l2l_features,
                                                 sign_log_features)
-from optim4rl.optimizers.make import learned_from_spec, make_optimizer
+from optim4rl.optimizers.make import learned_from_spec, make_optimizer, optimizer_source
 from optim4rl.optimizers.registry import (LEARNED, hand_designed, list_optimizers,
                                           list_pretrained)
 from optim4rl.optimizers.star import STAR, STARState
@@ -22,6 +22,6 @@ from optim4rl.optimizers.star import STAR, STARState
 __all__ = [
     "LEARNED", "LearnedOptimizer", "Optim4RL", "L2L", "Lin", "STAR",
     "Optim4RLState", "GRUState", "STARState",
-    "make_optimizer", "learned_from_spec", "hand_designed", "list_optimizers", "list_pretrained",
+    "make_optimizer", "learned_from_spec", "optimizer_source", "hand_designed", "list_optimizers", "list_pretrained",
     "save", "load", "sign_log_features", "l2l_features",
 ]

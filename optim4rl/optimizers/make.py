@@ -13,7 +13,9 @@ The learned names are ``optim4rl``, ``l2l``, ``lin`` and ``star``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import pathlib
 from typing import Any
 
 import jax
@@ -93,10 +95,33 @@ def learned_from_spec(spec: str, **config: Any) -> tuple[LearnedOptimizer, MetaP
     if config:
         raise ConfigError(f"'{spec}': the architecture comes from the file; options "
                           f"{sorted(config)} are only allowed with '{name}:init'")
-    looks_like_path = source.endswith(".o4r") or os.sep in source or "/" in source
-    path = source if looks_like_path or os.path.isfile(source) else pretrained_path(source)
+    path = _source_path(source)
     opt, phi, info = load(path)
     if opt.name != name:
         raise ParameterFileError(f"{path}: holds a '{opt.name}' optimizer, not '{name}' "
                                  f"(use '{opt.name}:{source}')")
     return opt, phi, info
+
+
+def optimizer_source(spec: str) -> dict[str, Any] | None:
+    """Which parameter file a learned-optimizer spec reads, with the file's SHA-256; else None.
+
+    Run directories record this, so a re-run (``compare`` skips finished runs) notices when a
+    pretrained or user file was replaced, instead of reusing results of the old parameters.
+    """
+    name, sep, source = spec.strip().partition(":")
+    source = source.strip()
+    if not sep or name.strip().lower() not in LEARNED or source in ("", "init"):
+        return None
+    path = _source_path(source)
+    try:
+        digest = hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+    except OSError as error:
+        raise ParameterFileError(f"{path}: cannot read optimizer file ({error.strerror})") from None
+    return {"path": str(path), "sha256": digest}
+
+
+def _source_path(source: str) -> str | os.PathLike:
+    """A path (ends in .o4r, has a separator, or names an existing file) or a pretrained name."""
+    looks_like_path = source.endswith(".o4r") or os.sep in source or "/" in source
+    return source if looks_like_path or os.path.isfile(source) else pretrained_path(source)

@@ -1,0 +1,122 @@
+"""Ship a meta-trained optimizer: copy DIR/optimizer.o4r to optim4rl/pretrained/NAME.o4r.
+
+    python scripts/ship_pretrained.py RUN_DIR NAME [--compare COMPARE_DIR] [--scale TEXT]
+    python scripts/ship_pretrained.py --table        # only regenerate pretrained/README.md's table
+
+Beside the file it writes NAME.json: the meta-training command, the provenance read back from the
+file (full config, seed, code version), the meta-run's summary and, with ``--compare``, the
+evaluation rows of an ``optim4rl compare`` directory that evaluated it. The table in
+``optim4rl/pretrained/README.md`` is then rebuilt from all the JSON files, so every number in it
+comes from a run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from optim4rl.optimizers import load
+from optim4rl.optimizers.registry import PRETRAINED_DIR
+
+TABLE_START, TABLE_END = "<!-- table:start -->", "<!-- table:end -->"
+
+
+def ship(run_dir: Path, name: str, compare_dir: Path | None, scale: str | None) -> Path:
+    source = run_dir / "optimizer.o4r"
+    if not source.is_file():
+        sys.exit(f"ship_pretrained: error: {source} does not exist (has the meta-training run finished?)")
+    opt, _, info = load(source)  # validates the file before it is shipped
+    target = PRETRAINED_DIR / f"{name}.o4r"
+    shutil.copyfile(source, target)
+    config = json.loads((run_dir / "config.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    meta = info.get("config", {})
+    tasks = meta.get("tasks", [])
+    agents = meta.get("num_agents")
+    record = {
+        "name": name,
+        "optimizer": opt.name,
+        "architecture": dataclasses.asdict(opt),
+        "produced_by": {
+            "commands": [config.get("command", "")],
+            "provenance_in_file": info,
+            "meta_training_summary": summary,
+        },
+        "scale": scale or (f"{config.get('preset', '?')}: {agents} agents per task, "
+                           f"{summary.get('iterations')} meta-iterations ({summary.get('env_steps'):,} env steps)"),
+        "trained_on": [t.get("env") if isinstance(t, dict) else t for t in tasks],
+    }
+    if compare_dir is not None:
+        record["evaluation"] = _evaluation(compare_dir, source)
+    (PRETRAINED_DIR / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return target
+
+
+def _evaluation(compare_dir: Path, source: Path) -> dict:
+    data = json.loads((compare_dir / "summary.json").read_text())
+    spec = json.loads((compare_dir / "config.json").read_text())
+    return {"compare_dir": str(compare_dir), "compare_config": spec.get("config", spec),
+            "tasks": {task: {"rows": info["rows"], "learning_rate": info["lr"]}
+                      for task, info in data["tasks"].items()}}
+
+
+def table() -> str:
+    lines = ["| name | architecture | meta-trained on | scale | evaluation |", "|---|---|---|---|---|"]
+    for path in sorted(PRETRAINED_DIR.glob("*.json")):
+        rec = json.loads(path.read_text())
+        arch = rec.get("optimizer") or rec["produced_by"]["provenance_in_file"].get("optimizer", "optim4rl")
+        inputs = rec.get("architecture", {}).get("inputs")
+        arch_text = {"optim4rl": "Optim4RL", "l2l": "L2L", "lin": "Lin", "star": "STAR"}.get(arch, arch)
+        if inputs:
+            arch_text += f" ({'sign/log' if inputs == 'sign_log' else inputs} inputs)"
+        prov = rec["produced_by"]["provenance_in_file"]
+        if not prov.get("pipeline", True):
+            arch_text += ", no pipeline"
+        trained_on = rec.get("trained_on") or prov.get("trained_on") or []
+        lines.append(f"| `{rec['name']}` | {arch_text} | {', '.join(trained_on)} | {rec.get('scale', '')} "
+                     f"| {_evaluation_text(rec.get('evaluation'))} |")
+    return "\n".join(lines)
+
+
+def _evaluation_text(evaluation: dict | None) -> str:
+    if not evaluation or "tasks" not in evaluation:
+        return "see NAME.json" if evaluation else "not evaluated over seeds yet"
+    parts = []
+    for task, info in evaluation["tasks"].items():
+        cells = [f"{r['optimizer']} {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                 + (f" ({r['verdict']} than Adam, p={r['pvalue']:.2g})" if r.get("pvalue") is not None else "")
+                 for r in info["rows"]]
+        parts.append(f"{task}, n={info['rows'][0]['n']}: " + "; ".join(cells))
+    return "<br>".join(parts)
+
+
+def write_table() -> None:
+    readme = PRETRAINED_DIR / "README.md"
+    text = readme.read_text()
+    start, end = text.find(TABLE_START), text.find(TABLE_END)
+    if start < 0 or end < 0:
+        sys.exit(f"ship_pretrained: error: {readme} lacks the {TABLE_START} / {TABLE_END} markers")
+    readme.write_text(text[:start + len(TABLE_START)] + "\n" + table() + "\n" + text[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", nargs="?", type=Path)
+    parser.add_argument("name", nargs="?")
+    parser.add_argument("--compare", type=Path, help="an optim4rl compare directory that evaluated this optimizer")
+    parser.add_argument("--scale", help="text for the table's scale column")
+    parser.add_argument("--table", action="store_true", help="only rebuild the README table")
+    args = parser.parse_args()
+    if not args.table:
+        if args.run_dir is None or args.name is None:
+            parser.error("give RUN_DIR and NAME (or --table)")
+        print(ship(args.run_dir, args.name, args.compare, args.scale))
+    write_table()
+
+
+if __name__ == "__main__":
+    main()
