@@ -131,8 +131,22 @@ class Optim4RL(LearnedOptimizer):
         return m * jax.lax.rsqrt(v + self.eps), hidden_m, hidden_v
 
 
+class _SingleGRU(LearnedOptimizer):
+    """Shared state and step of the one-GRU baselines: ``Δθ = −α · direction`` where
+    ``(direction, hidden') = self._network(φ, (g, hidden))`` runs coordinate-wise; subclasses
+    are frozen dataclasses with a ``hidden_size`` field."""
+
+    def init_state(self, num_coordinates: int) -> GRUState:
+        return GRUState(hidden=jnp.zeros((self.hidden_size, num_coordinates), jnp.float32),
+                        count=jnp.zeros((), jnp.int32))
+
+    def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
+        direction, hidden = coordinatewise(self._network, phi, (grads, state.hidden))
+        return -learning_rate * direction, GRUState(hidden, state.count + 1)
+
+
 @dataclasses.dataclass(frozen=True)
-class L2L(LearnedOptimizer):
+class L2L(_SingleGRU):
     """L2L baseline after Andrychowicz et al. (2016), "Learning to learn by gradient descent by
     gradient descent": one GRU on the log/sign preprocessing (:func:`l2l_features`), an MLP head to
     a scalar ``o``, update ``Δθ = −α · exp(o) · g`` (reference ``L2LGD2``).
@@ -164,14 +178,6 @@ class L2L(LearnedOptimizer):
             "head": mlp_init(key_head, self.hidden_size, self.head_sizes, 1),
         }
 
-    def init_state(self, num_coordinates: int) -> GRUState:
-        return GRUState(hidden=jnp.zeros((self.hidden_size, num_coordinates), jnp.float32),
-                        count=jnp.zeros((), jnp.int32))
-
-    def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        direction, hidden = coordinatewise(self._network, phi, (grads, state.hidden))
-        return -learning_rate * direction, GRUState(hidden, state.count + 1)
-
     def _network(self, phi, columns):
         grads, hidden = columns
         hidden = gru_apply(phi["gru"], hidden, l2l_features(grads, self.p, self.eps))
@@ -180,7 +186,7 @@ class L2L(LearnedOptimizer):
 
 
 @dataclasses.dataclass(frozen=True)
-class Lin(LearnedOptimizer):
+class Lin(_SingleGRU):
     """Lin baseline: one GRU on the raw gradient, an MLP head to ``(o1, o2, o3)``, update
     ``Δθ = −α · (exp(o1) · g + exp(o2) · o3)``: a learned gradient scale plus a learned free term
     (reference ``LinearOptim``).
@@ -205,14 +211,6 @@ class Lin(LearnedOptimizer):
             "gru": gru_init(key_gru, 1, self.hidden_size),
             "head": mlp_init(key_head, self.hidden_size, self.head_sizes, 3),
         }
-
-    def init_state(self, num_coordinates: int) -> GRUState:
-        return GRUState(hidden=jnp.zeros((self.hidden_size, num_coordinates), jnp.float32),
-                        count=jnp.zeros((), jnp.int32))
-
-    def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        direction, hidden = coordinatewise(self._network, phi, (grads, state.hidden))
-        return -learning_rate * direction, GRUState(hidden, state.count + 1)
 
     def _network(self, phi, columns):
         grads, hidden = columns
