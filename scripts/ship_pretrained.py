@@ -60,7 +60,7 @@ def _evaluation(compare_dir: Path, source: Path) -> dict:
     data = json.loads((compare_dir / "summary.json").read_text())
     spec = json.loads((compare_dir / "config.json").read_text())
     return {"compare_dir": str(compare_dir), "compare_config": spec.get("config", spec),
-            "tasks": {task: {"rows": info["rows"], "learning_rate": info["lr"]}
+            "tasks": {task: {"rows": info["rows"], "learning_rates": info.get("learning_rates")}
                       for task, info in data["tasks"].items()}}
 
 
@@ -91,7 +91,7 @@ def _evaluation_text(evaluation: dict | None) -> str:
         if not info["rows"]:
             continue
         cells = [f"{_short(r['optimizer'])} {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-                 + (f" ({r['verdict']} than Adam, p={r['pvalue']:.2g})" if r.get("pvalue") is not None else "")
+                 + (f" ({r['verdict']} vs Adam, p={r['pvalue']:.2g})" if r.get("pvalue") is not None else "")
                  for r in info["rows"]]
         parts.append(f"{task}, n={info['rows'][0]['n']}: " + "; ".join(cells))
     return "<br>".join(parts)
