@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
-import platform
 import resource
 import statistics
 import subprocess
@@ -34,6 +32,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import machine_info, write_report  # noqa: E402
 
 
 def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats: int,
@@ -142,21 +142,11 @@ def main() -> None:
               f"{row['median_s_per_iteration']:.2f} s/meta-iteration, "
               f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
 
-    import jax
-
-    import optim4rl
-
-    device = jax.devices()[0]
     report = {
         "benchmark": "meta_throughput",
         "description": "pipeline meta-training env-steps/s (jitted run_chunk, excluding compilation) "
                        "and peak memory, one subprocess per preset",
-        "device": f"{device.platform}:{device.device_kind}",
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "machine": platform.processor() or platform.machine(),
-        "jax_version": jax.__version__,
-        "optim4rl_version": optim4rl.__version__,
+        **machine_info(),
         "results": results,
     }
     print(f"\nmeta-training throughput, {report['device']}, {args.repeats} timed chunks of "
@@ -170,9 +160,7 @@ def main() -> None:
               f"{row['median_steps_per_s']:>10.0f}{row['median_steps_per_cpu_s']:>13.0f}"
               f"{row['median_s_per_iteration']:>8.2f}{row['compile_and_first_chunk_s']:>11.1f}"
               f"{row['peak_rss_mib']:>14.0f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

@@ -10,10 +10,7 @@ and writes ``benchmarks/results/optimizer_overhead.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -24,6 +21,8 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import machine_info, write_report  # noqa: E402
 
 import optim4rl  # noqa: E402
 
@@ -94,19 +93,13 @@ def main() -> None:
         }
         for label, s in seconds.items()
     }
-    device = jax.devices()[0]
     report = {
         "benchmark": "optimizer_overhead",
         "description": "median time of one jitted tx.update on an MLP, grad_clip=1",
         "num_params": num_params,
         "layer_sizes": list(LAYER_SIZES),
         "repeats": args.repeats,
-        "device": f"{device.platform}:{device.device_kind}",
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "machine": platform.processor() or platform.machine(),
-        "jax_version": jax.__version__,
-        "optim4rl_version": optim4rl.__version__,
+        **machine_info(),
         "results": results,
         "optim4rl_ns_per_param": results["optim4rl"]["ns_per_param"],
     }
@@ -117,9 +110,7 @@ def main() -> None:
     for label, row in results.items():
         print(f"{label:<14}{row['median_us']:>12.1f}{row['min_us']:>10.1f}"
               f"{row['relative_to_adam']:>9.2f}{row['ns_per_param']:>10.3f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":

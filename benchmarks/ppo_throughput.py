@@ -21,10 +21,7 @@ Optim4RL/Adam (both clipped), prints a table and writes ``benchmarks/results/ppo
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +33,8 @@ import optax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import machine_info, write_report  # noqa: E402
 
 import optim4rl  # noqa: E402
 from optim4rl import envs  # noqa: E402
@@ -192,7 +191,6 @@ def main() -> None:
             ratios[f"ours_over_brax ({basis})"] = round(median["ours_adam"] / median["brax"], 3)
         if "ours_optim4rl" in median and "ours_adam_clip" in median:
             ratios[f"optim4rl_over_adam ({basis})"] = round(median["ours_optim4rl"] / median["ours_adam_clip"], 3)
-    device = jax.devices()[0]
     report = {
         "benchmark": "ppo_throughput",
         "description": "PPO training env-steps/s excluding compilation and evaluation",
@@ -204,12 +202,7 @@ def main() -> None:
             "steps_per_update": cfg.steps_per_update, "updates_per_timed_chunk": cfg.updates_per_chunk,
             "timed_chunks": args.repeats,
         },
-        "device": f"{device.platform}:{device.device_kind}",
-        "cpu_count": os.cpu_count(),
-        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "machine": platform.processor() or platform.machine(),
-        "jax_version": jax.__version__,
-        "optim4rl_version": optim4rl.__version__,
+        **machine_info(),
         "results": results,
         "ratios": ratios,
     }
@@ -221,9 +214,7 @@ def main() -> None:
         print(f"{label:<16}{row['median_steps_per_s']:>16.0f}{row['median_steps_per_cpu_s']:>20.0f}")
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    write_report(args.output, report)
 
 
 if __name__ == "__main__":
