@@ -51,12 +51,12 @@ def ship(run_dir: Path, name: str, compare_dir: Path | None, scale: str | None) 
         "trained_on": [t.get("env") if isinstance(t, dict) else t for t in tasks],
     }
     if compare_dir is not None:
-        record["evaluation"] = _evaluation(compare_dir, source)
+        record["evaluation"] = _evaluation(compare_dir)
     (PRETRAINED_DIR / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return target
 
 
-def _evaluation(compare_dir: Path, source: Path) -> dict:
+def _evaluation(compare_dir: Path) -> dict:
     data = json.loads((compare_dir / "summary.json").read_text())
     spec = json.loads((compare_dir / "config.json").read_text())
     return {"compare_dir": str(compare_dir), "compare_config": spec.get("config", spec),
