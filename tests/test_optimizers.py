@@ -239,6 +239,22 @@ def test_gradient_processing_loses_no_information():
         assert len(np.unique(pair[where], axis=0)) == np.sum(where)  # distinct stay distinct
 
 
+def test_log_scale_multiplies_the_log_features_and_old_files_keep_the_paper_default():
+    grads = jnp.asarray([1e-6, -3e-2, 0.5])
+    (pair, log_g2) = Optim4RL().network_inputs(grads)
+    (scaled_pair, scaled_log_g2) = Optim4RL(log_scale=0.1).network_inputs(grads)
+    np.testing.assert_array_equal(scaled_pair[0], pair[0])  # the sign is untouched
+    np.testing.assert_allclose(scaled_pair[1], 0.1 * pair[1], rtol=1e-6)
+    np.testing.assert_allclose(scaled_log_g2, 0.1 * log_g2, rtol=1e-6)
+    # A file written before the field existed has no "log_scale": it loads as the paper's 1.0.
+    config = Optim4RL().config()
+    del config["log_scale"]
+    assert Optim4RL.from_config(config).log_scale == 1.0
+    assert Optim4RL.from_config(Optim4RL(log_scale=0.1).config()).log_scale == 0.1
+    with pytest.raises(ValueError, match="log_scale"):
+        Optim4RL(log_scale=0.0)
+
+
 def test_l2l_preprocessing_cases():
     g = jnp.asarray([1.0, -0.5, 1e-6, -1e-7, 0.0])
     features = np.asarray(optimizers.l2l_features(g)).T

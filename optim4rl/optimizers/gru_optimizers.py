@@ -75,6 +75,11 @@ class Optim4RL(LearnedOptimizer):
       log_eps: ε inside the log of the gradient processing (1e-18). Gradients far below it all
         look alike to the network; that is the only information the processing drops.
       eps: ε inside the square root (1e-8).
+      log_scale: factor on the log features (``sign_log`` only; 1.0 as in the paper). RL
+        gradients give ``log|g|`` of about −5 … −40, which saturates the GRU's gates at a
+        standard initialisation: every coordinate then gets the same step size, and the
+        meta-gradient that would teach it otherwise is nearly zero. A factor such as 0.1 keeps
+        the inputs of order one; like the processing itself it loses no information.
     """
 
     hidden_size: int = 8
@@ -82,6 +87,7 @@ class Optim4RL(LearnedOptimizer):
     inputs: str = "sign_log"
     log_eps: float = 1e-18
     eps: float = 1e-8
+    log_scale: float = 1.0
 
     name: ClassVar[str] = "optim4rl"
 
@@ -91,6 +97,7 @@ class Optim4RL(LearnedOptimizer):
         check_positive("hidden_size", self.hidden_size)
         check_positive("log_eps", self.log_eps)
         check_positive("eps", self.eps)
+        check_positive("log_scale", self.log_scale)
 
     def init_meta(self, key: Array) -> MetaParams:
         keys = jax.random.split(key, 4)
@@ -111,6 +118,7 @@ class Optim4RL(LearnedOptimizer):
         if self.inputs == "raw":
             return grads[..., None, :], jnp.square(grads)[..., None, :]
         sign, log_abs = sign_log_features(grads, self.log_eps)
+        log_abs = self.log_scale * log_abs
         # log(g²) = 2·log|g|: the processed squared gradient, without squaring tiny gradients.
         return jnp.stack([sign, log_abs], axis=-2), (2.0 * log_abs)[..., None, :]
 
