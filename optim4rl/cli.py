@@ -464,6 +464,44 @@ def register_reproduce(sub) -> None:
 _EXTRA_COMMANDS.append(register_reproduce)
 
 
+# --- inspect ---------------------------------------------------------------------------------
+
+def cmd_inspect(args) -> int:
+    import json
+
+    from optim4rl.analysis import response
+
+    results = []
+    for spec in args.optimizers:
+        result = response.step_response(spec, steps=args.steps, grad_clip=args.grad_clip, seed=args.seed or 0)
+        results.append(result)
+        print(response.format_response(result) + "\n")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print(f"written to {out}", file=sys.stderr)
+    return 0
+
+
+def register_inspect(sub) -> None:
+    p = sub.add_parser(
+        "inspect", help="step-size response of optimizers: |update|/lr by gradient size and noise",
+        description="For each optimizer, feed coordinates a gradient of fixed size whose sign flips at "
+                    "random (probability 0, 0.25, 0.5) and print |update|/lr after --steps updates. Adam "
+                    "gives ~1 for consistent gradients and much less for noise; a learned optimizer that "
+                    "prints the same number everywhere is sign descent with a fixed step.")
+    p.add_argument("optimizers", nargs="+", help="e.g. adam optim4rl:big_dense_long optim4rl:init")
+    p.add_argument("--steps", type=int, default=20, help="updates before the response is read (default 20)")
+    p.add_argument("--grad-clip", dest="grad_clip", type=float, help="elementwise clip (default off)")
+    p.add_argument("--seed", type=int, help="seed of the sign flips (default 0)")
+    p.add_argument("--out", help="also write the responses as JSON to this file")
+    p.set_defaults(func=cmd_inspect)
+
+
+_EXTRA_COMMANDS.append(register_inspect)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from optim4rl.analysis import response
+from optim4rl.cli import main
+from optim4rl.errors import ConfigError
+
+
+def test_adam_is_scale_free_and_damps_noise():
+    result = response.step_response("adam", magnitudes=(1e-4, 1e-2, 1.0), flip_probs=(0.0, 0.5), steps=30)
+    consistent, noisy = np.asarray(result["response"])
+    np.testing.assert_allclose(consistent, 1.0, atol=0.01)  # |m/sqrt(v)| = 1 for a constant gradient
+    assert np.all(noisy < 0.5 * consistent)
+
+
+def test_sgd_response_is_the_gradient_size():
+    result = response.step_response("sgd", magnitudes=(1e-3, 0.5), flip_probs=(0.0, 0.5), steps=3)
+    np.testing.assert_allclose(result["response"], [[1e-3, 0.5], [1e-3, 0.5]], rtol=1e-5)
+
+
+def test_learned_optimizer_response_is_finite_and_positive():
+    result = response.step_response("optim4rl:init", magnitudes=(1e-6, 1e-2), flip_probs=(0.0,), steps=4,
+                                    coordinates=8)
+    values = np.asarray(result["response"])
+    assert values.shape == (1, 2) and np.all(np.isfinite(values)) and np.all(values > 0)
+    assert "|g|=1e-06" in response.format_response(result)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ConfigError, match="flip probabilities"):
+        response.step_response("adam", flip_probs=(1.5,))
+    with pytest.raises(ConfigError, match="magnitudes"):
+        response.step_response("adam", magnitudes=(0.0,))
+
+
+def test_inspect_command_prints_tables_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "response.json"
+    assert main(["inspect", "adam", "rmsprop", "--steps", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "`adam`" in printed and "`rmsprop`" in printed
+    assert out.exists()
+    with pytest.raises(SystemExit):
+        main(["inspect", "nosuchopt"])
+    assert "unknown optimizer 'nosuchopt'" in capsys.readouterr().err
