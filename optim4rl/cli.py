@@ -35,7 +35,8 @@ class Progress:
         self.done = now
         post = {}
         for key, label in (("episode_return", "return"), ("steps_per_s", "steps/s"),
-                           ("meta_loss", "meta_loss"), ("eval_return", "eval"), ("optimizer", "opt")):
+                           ("meta_loss", "meta_loss"), ("update_scale", "|Δθ|/lr"), ("eval_return", "eval"),
+                           ("optimizer", "opt")):
             value = event.get(key)
             if isinstance(value, float) and math.isfinite(value):
                 post[label] = f"{value:.4g}"

@@ -120,6 +120,15 @@ def optimizers_norm(tree):
     return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
 
 
+def test_update_scale_metric_is_the_mean_step_over_the_step_size():
+    tr = MetaTrainer(tiny_config(optimizer="optim4rl"))
+    _, metrics = jax.jit(tr.meta_step)(tr.init())
+    scale = float(metrics["update_scale/catch"])
+    assert np.isfinite(scale) and scale > 0.0
+    from optim4rl.meta.pipeline import _mean_abs
+    assert float(_mean_abs({"a": jnp.asarray([1.0, -3.0]), "b": jnp.asarray([[0.0, 4.0]])})) == 2.0
+
+
 def test_nan_agent_is_reset_and_phi_stays_finite(trainer):
     state = trainer.init()
     pop = state.populations[0]

@@ -161,14 +161,17 @@ class MetaTrainer:
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             last_return = _latest_return(traj, last_return)
-            return (params, opt_state, env_state, next_obs, last_return), None
+            # Monitoring only: the mean step |Δθ|/α over coordinates (Adam-like optimizers give
+            # much less than 1 on noisy gradients; a constant is fixed-step sign descent).
+            scale = jax.lax.stop_gradient(_mean_abs(updates) / setup.task.learning_rate)
+            return (params, opt_state, env_state, next_obs, last_return), scale
 
         if cfg.remat:
             # Keep only each update's carry for the backward pass and recompute the optimizer's
             # per-coordinate activations: memory ~ O(coordinates x state) instead of O(x network).
             inner_update = jax.checkpoint(inner_update)
         carry = (agent.params, agent.opt_state, agent.env_state, agent.obs, agent.last_return)
-        carry, _ = jax.lax.scan(inner_update, carry, keys[:-1])
+        carry, scales = jax.lax.scan(inner_update, carry, keys[:-1])
         params, opt_state, env_state, obs, last_return = carry
         env_state, next_obs, traj = a2c.rollout(
             keys[-1], net, jax.lax.stop_gradient(params), env, env_state, obs, cfg.rollout_length)
@@ -177,21 +180,22 @@ class MetaTrainer:
             loss = aux["actor_loss"]
         last_return = _latest_return(traj, last_return)
         new_agent = AgentState(params, opt_state, env_state, next_obs, agent.age + 1, last_return)
-        return loss, jax.lax.stop_gradient(new_agent)
+        return loss, (jax.lax.stop_gradient(new_agent), jnp.mean(scales))
 
     def task_meta_gradient(self, phi, pop: AgentState, key, setup: TaskSetup):
         keys = jax.random.split(key, len(setup.offsets))
 
         def mean_loss(phi):
-            losses, new_pop = jax.vmap(self.agent_meta_loss, in_axes=(None, 0, 0, None))(phi, pop, keys, setup)
-            return jnp.mean(losses), new_pop
+            losses, (new_pop, scales) = jax.vmap(self.agent_meta_loss, in_axes=(None, 0, 0, None))(
+                phi, pop, keys, setup)
+            return jnp.mean(losses), (new_pop, jnp.mean(scales))
 
-        (loss, new_pop), grad = jax.value_and_grad(mean_loss, has_aux=True)(phi)
+        (loss, (new_pop, update_scale)), grad = jax.value_and_grad(mean_loss, has_aux=True)(phi)
         norm = optax.global_norm(grad)
         if self.cfg.meta_max_norm:
             # Normalised, not clipped: every task contributes a step of the same size (SPEC §2).
             grad = jax.tree.map(lambda g: g * (self.cfg.meta_max_norm / (norm + 1e-12)), grad)
-        return grad, new_pop, loss, norm
+        return grad, new_pop, loss, norm, update_scale
 
     def meta_step(self, state: MetaState, _=None):
         cfg = self.cfg
@@ -200,12 +204,13 @@ class MetaTrainer:
         for i, setup in enumerate(self.tasks):
             pop, nonfinite = self.reset_population(task_keys[2 * i], state.phi, state.populations[i], setup,
                                                    state.iteration)
-            grad, pop, loss, norm = self.task_meta_gradient(state.phi, pop, task_keys[2 * i + 1], setup)
+            grad, pop, loss, norm, scale = self.task_meta_gradient(state.phi, pop, task_keys[2 * i + 1], setup)
             grads.append(grad)
             pops.append(pop)
             name = setup.task.env
             metrics[f"meta_loss/{name}"] = loss
             metrics[f"meta_grad_norm/{name}"] = norm
+            metrics[f"update_scale/{name}"] = scale
             metrics[f"nonfinite_agents/{name}"] = nonfinite.astype(jnp.float32)
             metrics.update(_returns_by_age(pop, setup, cfg.age_bins, name))
         grad = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *grads)
@@ -253,3 +258,9 @@ def _returns_by_age(pop: AgentState, setup: TaskSetup, bins: int, name: str) -> 
         out[f"return_age{b}/{name}"] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
     out[f"return/{name}"] = jnp.nanmean(jnp.where(valid, pop.last_return, jnp.nan))
     return out
+
+
+def _mean_abs(tree) -> Array:
+    """Mean of |x| over every element of a pytree of arrays."""
+    leaves = jax.tree.leaves(tree)
+    return sum(jnp.sum(jnp.abs(x)) for x in leaves) / sum(x.size for x in leaves)

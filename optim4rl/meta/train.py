@@ -156,6 +156,8 @@ def run(
             event = {"iteration": end_iter, "iterations": cfg.iterations,
                      "env_steps": end_iter * steps_per_iter, "total_steps": cfg.iterations * steps_per_iter,
                      "steps_per_s": sps, "meta_loss": float(np.mean(metrics["meta_loss"])),
+                     "update_scale": float(np.mean([np.mean(v) for k, v in metrics.items()
+                                                    if k.startswith("update_scale/")])),
                      "skipped": int(state.skipped)}
             if eval_value is not None:
                 event["eval_return"] = eval_value
