@@ -140,6 +140,27 @@ def write_report(out: Path, budget: str, selected: list[Experiment]) -> Path:
     lines += ["## Where the learned optimizers win, tie and lose against Adam", "",
               "Verdict at α = 0.05 (paired t-test on the same seeds, no multiple-comparison correction):", "",
               *verdicts, ""]
+    if budget != "smoke":
+        lines += _step_response_section(shipped)
     report = out / "results.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def _step_response_section(shipped: list[str]) -> list[str]:
+    """What each shipped optimizer does to one coordinate (`optim4rl inspect`), beside Adam."""
+    from optim4rl.analysis import response
+    from optim4rl.optimizers.files import load
+    from optim4rl.optimizers.registry import pretrained_path
+
+    specs = ["adam", "optim4rl:init"] + [f"{load(pretrained_path(name))[0].name}:{name}" for name in shipped]
+    lines = ["## What the optimizers do to one coordinate", "",
+             "`optim4rl inspect` feeds coordinates a gradient of fixed size |g| whose sign flips with the "
+             "given probability and reads |Δθ|/α after 20 updates. Adam gives about 1 for a consistent "
+             "gradient of any size and much less for noise. A learned optimizer that gives the same "
+             "number everywhere is sign descent with a fixed step.", ""]
+    for spec in specs:
+        result = response.step_response(spec, magnitudes=(1e-6, 1e-4, 1e-2, 1.0), flip_probs=(0.0, 0.5))
+        lines += [response.format_response(result), ""]
+    return lines
+

@@ -23,7 +23,9 @@ def test_learned_optimizer_response_is_finite_and_positive():
                                     coordinates=8)
     values = np.asarray(result["response"])
     assert values.shape == (1, 2) and np.all(np.isfinite(values)) and np.all(values > 0)
-    assert "|g|=1e-06" in response.format_response(result)
+    table = response.format_response(result).splitlines()
+    assert table[2] == "| sign-flip prob. \\ gradient size | 1e-06 | 0.01 |"
+    assert table[4].startswith("| 0 | ") and table[4].count("|") == 4
 
 
 def test_bad_arguments_are_named():
@@ -42,3 +44,11 @@ def test_inspect_command_prints_tables_and_writes_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["inspect", "nosuchopt"])
     assert "unknown optimizer 'nosuchopt'" in capsys.readouterr().err
+
+
+def test_reproduce_report_section_covers_adam_init_and_the_shipped_files():
+    from optim4rl import reproduce
+
+    text = "\n".join(reproduce._step_response_section(["catch"]))
+    for spec in ("`adam`", "`optim4rl:init`", "`optim4rl:catch`"):
+        assert spec in text

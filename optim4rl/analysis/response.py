@@ -67,7 +67,7 @@ def step_response(spec: str, magnitudes: Sequence[float] = DEFAULT_MAGNITUDES,
 
 def format_response(result: dict) -> str:
     """A Markdown table: one row per noise level, one column per gradient magnitude."""
-    header = "| flip prob. | " + " | ".join(f"|g|={m:g}" for m in result["magnitudes"]) + " |"
+    header = "| sign-flip prob. \\ gradient size | " + " | ".join(f"{m:g}" for m in result["magnitudes"]) + " |"
     rule = "|---|" + "---|" * len(result["magnitudes"])
     rows = [f"| {p:g} | " + " | ".join(f"{v:.3g}" for v in values) + " |"
             for p, values in zip(result["flip_probs"], result["response"])]
