@@ -49,7 +49,8 @@ def _final_score(spec: str, env: str, steps: int, seeds: int, lr: float, num_env
 @pytest.mark.xfail(strict=False, reason=(
     "measured on 2026-11-25: the CPU-scale grid6 optimizer (8 agents per task, 200 meta-iterations) "
     "does not beat its untrained initialisation on small_dense_long (0.18 vs 0.47, 8 seeds, 64k "
-    "steps); a longer meta-training run is needed (issue #6)"))
+    "steps); like every CPU-scale Optim4RL file it acts as fixed-step sign descent (`optim4rl inspect`), "
+    "and a retrained variant (reset 144, actor meta-loss, log_scale 0.1) did no better (issue #6)"))
 def test_grid6_optimizer_beats_its_untrained_initialisation():
     # small_dense_long at the step size it was meta-trained with (SPEC §2 table: 1e-3).
     env, steps, seeds, lr = "small_dense_long", 64_000, 8, 1e-3
