@@ -161,8 +161,8 @@ class MetaTrainer:
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             last_return = _latest_return(traj, last_return)
-            # Monitoring only: the mean step |Δθ|/α over coordinates (Adam-like optimizers give
-            # much less than 1 on noisy gradients; a constant is fixed-step sign descent).
+            # Monitoring only: the mean step |Δθ|/α over all coordinates, zero-gradient ones
+            # included (Adam-like optimizers give much less than 1 on noisy gradients).
             scale = jax.lax.stop_gradient(_mean_abs(updates) / setup.task.learning_rate)
             return (params, opt_state, env_state, next_obs, last_return), scale
 
