@@ -77,9 +77,9 @@ class Optim4RL(LearnedOptimizer):
       eps: ε inside the square root (1e-8).
       log_scale: factor on the log features (``sign_log`` only; 1.0 as in the paper). RL
         gradients give ``log|g|`` of about −5 … −40, which saturates the GRU's gates at a
-        standard initialisation: every coordinate then gets the same step size, and the
-        meta-gradient that would teach it otherwise is nearly zero. A factor such as 0.1 keeps
-        the inputs of order one; like the processing itself it loses no information.
+        standard initialisation, so every coordinate gets nearly the same step size. A factor
+        such as 0.1 keeps the inputs of order one and loses no information; on its own it did not
+        make CPU-scale meta-training use |g| (docs/DESIGN.md).
     """
 
     hidden_size: int = 8
