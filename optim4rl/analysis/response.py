@@ -19,6 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optim4rl.errors import ConfigError
+from optim4rl.optimizers import make_optimizer
+
 DEFAULT_MAGNITUDES = (1e-8, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 DEFAULT_FLIP_PROBS = (0.0, 0.25, 0.5)
 
@@ -31,9 +34,6 @@ def step_response(spec: str, magnitudes: Sequence[float] = DEFAULT_MAGNITUDES,
     Returns ``{"spec", "magnitudes", "flip_probs", "steps", "response": [[...]]}`` with
     ``response[i][j]`` for ``flip_probs[i]`` and ``magnitudes[j]``.
     """
-    from optim4rl.errors import ConfigError
-    from optim4rl.optimizers import make_optimizer
-
     if steps < 1 or coordinates < 1:
         raise ConfigError("step_response needs steps >= 1 and coordinates >= 1")
     if any(not 0.0 <= p <= 1.0 for p in flip_probs):
