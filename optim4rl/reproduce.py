@@ -5,6 +5,8 @@ Experiments:
                     optimizers meta-trained on big_dense_long).
   b_brax            transfer: the grid6 optimizer (meta-trained only on gridworlds) with PPO on Brax
                     tasks vs Adam and RMSProp.
+  b_brax_reacher    (cpu budget only) the same on reacher, with Brax's published reacher settings
+                    and 512k steps; in the paper budget reacher is one of b_brax's tasks.
   c_gymnax          transfer beyond Brax: the grid6 optimizer with PPO on gymnax / MinAtar tasks.
   d_ablations       Optim4RL vs its ablations (raw gradient inputs; no pipeline training) on
                     big_dense_long, with the untrained Optim4RL as a floor.
@@ -77,6 +79,10 @@ def experiments(budget: str) -> list[Experiment]:
                    else ("inverted_double_pendulum",),
                    ("adam", "rmsprop", o4r_grid6), None if paper else 200_000, seeds,
                    claim="paper: competitive with Adam and RMSProp on unseen Brax tasks"),
+        *([] if paper else [Experiment(
+            "b_brax_reacher", "Transfer: grid6 optimizer with PPO on Brax reacher", "ppo", ("reacher",),
+            ("adam", "rmsprop", o4r_grid6), 512_000, seeds,
+            claim="paper: competitive with Adam and RMSProp on unseen Brax tasks")]),
         Experiment("c_gymnax", "Transfer beyond Brax: gymnax / MinAtar with PPO", "ppo",
                    ("CartPole-v1", "Breakout-MinAtar") if paper else ("CartPole-v1",),
                    ("adam", "rmsprop", o4r_grid6), None if paper else 200_000, seeds,

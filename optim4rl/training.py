@@ -209,7 +209,7 @@ def run(
             callback({
                 "chunk": done_chunks, "num_chunks": num_chunks,
                 "env_steps": done_chunks * steps_per_chunk, "total_steps": num_chunks * steps_per_chunk,
-                "steps_per_s": sps, "episode_return": float(np.nanmean(metrics["episode_return"][:, -1])),
+                "steps_per_s": sps, "episode_return": _nanmean(metrics["episode_return"][:, -1]),
             })
         if time.time() - last_ckpt > spec.checkpoint_every_s or done_chunks == num_chunks:
             save_checkpoint(ckpt_path, state, {
@@ -268,3 +268,10 @@ def _curves_from_rows(rows: list[dict], seed_ids: np.ndarray, key: str) -> np.nd
     curves = [np.asarray([v for _, v in sorted(by_seed[int(s)])]) for s in seed_ids]
     length = min(len(c) for c in curves)
     return np.stack([c[:length] for c in curves])
+
+
+def _nanmean(values) -> float:
+    """Mean of the finite entries; NaN (without numpy's warning) when no episode has ended yet."""
+    values = np.asarray(values, np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")

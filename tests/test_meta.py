@@ -192,3 +192,36 @@ def test_one_meta_step_on_4_devices_equals_1_device():
     proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout
+
+
+def test_agent_normalised_meta_gradient_is_the_mean_of_unit_norm_agent_gradients():
+    """meta_normalize="agent": every agent's meta-gradient counts with unit norm, then the task's
+    mean is rescaled to meta_max_norm as usual."""
+    tr = MetaTrainer(tiny_config(meta_normalize="agent", meta_max_norm=None))
+    state = tr.init()
+    setup, pop = tr.tasks[0], state.populations[0]
+    key = jax.random.key(5)
+    grad, _, loss, _, _ = jax.jit(lambda phi, pop: tr.task_meta_gradient(phi, pop, key, setup))(state.phi, pop)
+    keys = jax.random.split(key, len(setup.offsets))
+    expected, losses = None, []
+    for j in range(len(setup.offsets)):
+        agent = jax.tree.map(lambda x: x[j], pop)
+        (l, _), g = jax.value_and_grad(tr.agent_meta_loss, has_aux=True)(state.phi, agent, keys[j], setup)
+        g = jax.tree.map(lambda x: x / optimizers_norm(g) / len(setup.offsets), g)
+        expected = g if expected is None else jax.tree.map(jnp.add, expected, g)
+        losses.append(float(l))
+    for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=1e-6)
+    assert float(loss) == pytest.approx(np.mean(losses), rel=1e-4)
+    # The unit-norm mean has norm at most 1 (equality only if all agents agree).
+    assert 0.0 < float(optimizers_norm(grad)) <= 1.0 + 1e-5
+    # The task rule (SPEC §2) is the default, and an unknown rule is one clear error.
+    assert MetaConfig().meta_normalize == "task"
+
+
+def test_unknown_meta_normalize_is_a_config_error():
+    from optim4rl.config import from_dict
+    from optim4rl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="meta_normalize"):
+        from_dict(MetaConfig, {"meta_normalize": "global", "tasks": [{"env": "catch"}]})

@@ -54,8 +54,10 @@ __all__ = [
     "ppo_rollout",
 ]
 
-# SPEC §4 table: the Adam/RMSProp step size of each paper task (the optimizer is built outside).
-PAPER_LEARNING_RATES = {"ant": 3e-4, "humanoid": 3e-4, "inverted_double_pendulum": 3e-4, "walker2d": 3e-5}
+# SPEC §4 table: the Adam/RMSProp step size of each paper task (the optimizer is built outside);
+# reacher's is Brax's published one.
+PAPER_LEARNING_RATES = {"ant": 3e-4, "humanoid": 3e-4, "inverted_double_pendulum": 3e-4, "walker2d": 3e-5,
+                        "reacher": 3e-4}
 
 # SPEC §4 per-task PPO settings.
 _PAPER = {
@@ -69,13 +71,30 @@ _PAPER = {
     "walker2d": dict(total_steps=50_000_000, num_envs=2048, batch_size=512, num_minibatches=32, unroll_length=20,
                      num_updates_per_batch=8, entropy_cost=1e-3, discounting=0.997, reward_scaling=5.0),
 }
-# Tasks outside the paper's table: Brax-like settings for continuous control, PureJaxRL-like
+# Tasks outside SPEC §4's table with published Brax PPO settings (Brax's training notebook).
+_BRAX_PUBLISHED = {
+    "reacher": dict(total_steps=50_000_000, num_envs=2048, batch_size=256, num_minibatches=32, unroll_length=50,
+                    num_updates_per_batch=8, entropy_cost=1e-3, discounting=0.95, reward_scaling=5.0,
+                    env_kwargs=(("action_repeat", 4),)),
+}
+# Other tasks: Brax-like settings for continuous control, PureJaxRL-like
 # settings (more steps per sequence, fewer minibatches) for discrete gymnax tasks.
 _CONTINUOUS_DEFAULT = _PAPER["ant"]
 _DISCRETE_DEFAULT = dict(total_steps=5_000_000, num_envs=256, batch_size=256, num_minibatches=4, unroll_length=32,
                          num_updates_per_batch=4, entropy_cost=1e-2, discounting=0.99, reward_scaling=0.1)
 _PAPER_NUM_EVALS = 20
 _CPU_NUM_ENVS = 128
+
+
+# CPU presets keep an update near 20-25k env steps (about 10 updates per 200k-step run).
+_CPU_OVERRIDES = {"reacher": dict(num_minibatches=4)}  # 128 envs x 4 x 50 = 25,600 steps per update
+
+
+def _task_settings(env: str) -> dict:
+    """The task's PPO settings: SPEC §4's table, else Brax's published ones, else a family default."""
+    task = _task_name(env)
+    settings = _PAPER.get(task) or _BRAX_PUBLISHED.get(task)
+    return dict(settings or (_DISCRETE_DEFAULT if _is_discrete_task(env) else _CONTINUOUS_DEFAULT))
 
 
 def _task_name(env: str) -> str:
@@ -163,8 +182,7 @@ class PPOConfig:
     @classmethod
     def paper(cls, env: str = "inverted_double_pendulum", **overrides) -> "PPOConfig":
         """SPEC §4's settings for ``env`` (GPU budgets): 20 evaluations on 128 envs."""
-        task = _task_name(env)
-        base = dict(_PAPER.get(task) or (_DISCRETE_DEFAULT if _is_discrete_task(env) else _CONTINUOUS_DEFAULT))
+        base = _task_settings(env)
         base.update(num_eval_envs=128)
         return cls(env=env, **_with_chunking({**base, **overrides}, _PAPER_NUM_EVALS, overrides))
 
@@ -173,8 +191,8 @@ class PPOConfig:
         """The paper's structure (unroll, epochs, minibatches, costs, γ, reward scale) with
         ``num_envs`` 128, ``batch_size`` ≤ 128, 2e6 steps (1e6 for discrete tasks), 10 evaluations
         on 16 envs: a few CPU minutes per seed."""
-        task = _task_name(env)
-        base = dict(_PAPER.get(task) or (_DISCRETE_DEFAULT if _is_discrete_task(env) else _CONTINUOUS_DEFAULT))
+        base = _task_settings(env)
+        base.update(_CPU_OVERRIDES.get(_task_name(env), {}))
         num_envs = min(_CPU_NUM_ENVS, base["num_envs"])
         # Keep sequences per update a multiple of num_envs.
         batch_size = min(base["batch_size"], num_envs)

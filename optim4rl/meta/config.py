@@ -44,6 +44,9 @@ class MetaConfig:
     grad_clip: float | None = 1.0  # elementwise clip of agent gradients before the optimizer
     meta_learning_rate: float = 1e-3
     meta_max_norm: float | None = 0.5  # per-task meta-gradient rescaled to this norm (None: off)
+    # "task": the mean of the agents' meta-gradients (SPEC §2). "agent": each agent's meta-gradient
+    # is first scaled to unit norm, so agents of every age weigh the same (not in the paper).
+    meta_normalize: Literal["task", "agent"] = "task"
     meta_grad_clip: float | None = None  # elementwise clip before the meta-optimizer
     meta_global_clip: float | None = None
     iterations_per_chunk: int = 10

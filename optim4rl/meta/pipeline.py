@@ -10,8 +10,8 @@ Pure functions over explicit state, so that a whole chunk of meta-iterations is 
 * `agent_meta_loss`: K inner updates `θ ← θ + U_φ(g)`, each on a fresh rollout, then the A2C loss
   of the updated θ on one more rollout. Gradients g are stop-gradient inputs of the optimizer, so the
   meta-gradient has no second-order terms but does flow through every update and recurrent state.
-* `meta_step`: per task the mean meta-gradient over agents, rescaled to a fixed norm; mean over
-  tasks; a non-finite meta-gradient skips the update; Adam on φ.
+* `meta_step`: per task the mean meta-gradient over agents (optionally of unit-norm per-agent
+  meta-gradients), rescaled to a fixed norm; mean over tasks; a non-finite meta-gradient skips the update; Adam on φ.
 """
 
 from __future__ import annotations
@@ -185,12 +185,23 @@ class MetaTrainer:
     def task_meta_gradient(self, phi, pop: AgentState, key, setup: TaskSetup):
         keys = jax.random.split(key, len(setup.offsets))
 
-        def mean_loss(phi):
-            losses, (new_pop, scales) = jax.vmap(self.agent_meta_loss, in_axes=(None, 0, 0, None))(
+        if self.cfg.meta_normalize == "agent":
+            # One meta-gradient per agent (the backward pass already keeps per-agent copies of φ's
+            # gradient), each scaled to unit norm before the mean.
+            per_agent = jax.value_and_grad(self.agent_meta_loss, has_aux=True)
+            (losses, (new_pop, scales)), grads = jax.vmap(per_agent, in_axes=(None, 0, 0, None))(
                 phi, pop, keys, setup)
-            return jnp.mean(losses), (new_pop, jnp.mean(scales))
+            norms = jax.vmap(optax.global_norm)(grads)
+            grad = jax.tree.map(
+                lambda g: jnp.mean(g / (norms.reshape((-1,) + (1,) * (g.ndim - 1)) + 1e-12), axis=0), grads)
+            loss, update_scale = jnp.mean(losses), jnp.mean(scales)
+        else:
+            def mean_loss(phi):
+                losses, (new_pop, scales) = jax.vmap(self.agent_meta_loss, in_axes=(None, 0, 0, None))(
+                    phi, pop, keys, setup)
+                return jnp.mean(losses), (new_pop, jnp.mean(scales))
 
-        (loss, (new_pop, update_scale)), grad = jax.value_and_grad(mean_loss, has_aux=True)(phi)
+            (loss, (new_pop, update_scale)), grad = jax.value_and_grad(mean_loss, has_aux=True)(phi)
         norm = optax.global_norm(grad)
         if self.cfg.meta_max_norm:
             # Normalised, not clipped: every task contributes a step of the same size (SPEC §2).
