@@ -292,6 +292,14 @@ def test_configs_validate_and_presets_follow_spec():
     cpu = ppo.PPOConfig.cpu("ant")
     assert cpu.unroll_length == 5 and cpu.num_minibatches == 32 and cpu.num_envs == 128
     assert (cpu.batch_size * cpu.num_minibatches) % cpu.num_envs == 0
+    # reacher is not in SPEC §4's table: Brax's published settings, 4 physics steps per action.
+    reacher = ppo.PPOConfig.paper("reacher")
+    assert (reacher.unroll_length, reacher.num_updates_per_batch, reacher.discounting,
+            reacher.entropy_cost, reacher.reward_scaling, dict(reacher.env_kwargs)) == (
+        50, 8, 0.95, 1e-3, 5.0, {"action_repeat": 4})
+    reacher_cpu = ppo.PPOConfig.cpu("reacher")
+    assert reacher_cpu.steps_per_update == 128 * 4 * 50 and dict(reacher_cpu.env_kwargs) == {"action_repeat": 4}
+    assert ppo.PAPER_LEARNING_RATES["reacher"] == 3e-4
     train = a2c.make_train(a2c.A2CConfig(total_steps=10_000, updates_per_chunk=3), optax.adam(1e-3))
     assert train.steps_per_update == 64 * 20
     assert train.num_updates == 9 and train.num_chunks == 3  # 8 updates, rounded up to whole chunks

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from optim4rl.cli import main
+from optim4rl.errors import ConfigError
 
 
 def run_cli(args, capsys):
@@ -114,3 +115,16 @@ def test_reproduce_smoke(tmp_path, capsys):
     text = docs.read_text()
     assert "figures/results/a_big_dense_long/curves_catch.png" in text
     assert (docs.parent / "figures" / "results" / "a_big_dense_long" / "curves_catch.png").exists()
+
+
+def test_reproduce_budgets_cover_the_papers_brax_tasks():
+    from optim4rl import reproduce
+
+    paper = {e.name: e for e in reproduce.experiments("paper")}
+    assert set(paper["b_brax"].envs) == {"inverted_double_pendulum", "reacher", "ant", "humanoid", "walker2d"}
+    assert "b_brax_reacher" not in paper
+    cpu = {e.name: e for e in reproduce.experiments("cpu")}
+    assert cpu["b_brax_reacher"].envs == ("reacher",) and cpu["b_brax_reacher"].agent == "ppo"
+    assert cpu["b_brax"].envs == ("inverted_double_pendulum",)
+    with pytest.raises(ConfigError, match="unknown budget"):
+        reproduce.experiments("gpu")
