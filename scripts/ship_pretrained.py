@@ -1,13 +1,16 @@
 """Ship a meta-trained optimizer: copy DIR/optimizer.o4r to optim4rl/pretrained/NAME.o4r.
 
     python scripts/ship_pretrained.py RUN_DIR NAME [--compare COMPARE_DIR] [--scale TEXT]
+    python scripts/ship_pretrained.py --reevaluate NAME --compare COMPARE_DIR
     python scripts/ship_pretrained.py --table        # only regenerate pretrained/README.md's table
 
 Beside the file it writes NAME.json: the meta-training command, the provenance read back from the
 file (full config, seed, code version), the meta-run's summary and, with ``--compare``, the
 evaluation rows of an ``optim4rl compare`` directory that evaluated it. The table in
 ``optim4rl/pretrained/README.md`` is then rebuilt from all the JSON files, so every number in it
-comes from a run directory.
+comes from a run directory. ``--reevaluate`` replaces the evaluation of a file already shipped
+(for example after `optim4rl reproduce` ran again on another machine); the previous evaluation is
+kept in the record under ``earlier_evaluations``.
 """
 
 from __future__ import annotations
@@ -54,6 +57,22 @@ def ship(run_dir: Path, name: str, compare_dir: Path | None, scale: str | None) 
         record["evaluation"] = _evaluation(compare_dir)
     (PRETRAINED_DIR / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return target
+
+
+def reevaluate(name: str, compare_dir: Path) -> Path:
+    record_path = PRETRAINED_DIR / f"{name}.json"
+    if not record_path.is_file():
+        sys.exit(f"ship_pretrained: error: no shipped optimizer {name!r} ({record_path} does not exist)")
+    evaluation = _evaluation(compare_dir)
+    labels = {r["optimizer"] for task in evaluation["tasks"].values() for r in task["rows"]}
+    if not any(label.split("@")[0].endswith(f":{name}") for label in labels):
+        sys.exit(f"ship_pretrained: error: {compare_dir} did not evaluate {name!r} (it has: {', '.join(sorted(labels))})")
+    record = json.loads(record_path.read_text())
+    if record.get("evaluation"):
+        record.setdefault("earlier_evaluations", []).append(record["evaluation"])
+    record["evaluation"] = evaluation
+    record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record_path
 
 
 def _evaluation(compare_dir: Path) -> dict:
@@ -118,8 +137,13 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, help="an optim4rl compare directory that evaluated this optimizer")
     parser.add_argument("--scale", help="text for the table's scale column")
     parser.add_argument("--table", action="store_true", help="only rebuild the README table")
+    parser.add_argument("--reevaluate", metavar="NAME", help="replace a shipped file's evaluation (needs --compare)")
     args = parser.parse_args()
-    if not args.table:
+    if args.reevaluate:
+        if args.compare is None:
+            parser.error("--reevaluate needs --compare COMPARE_DIR")
+        print(reevaluate(args.reevaluate, args.compare))
+    elif not args.table:
         if args.run_dir is None or args.name is None:
             parser.error("give RUN_DIR and NAME (or --table)")
         print(ship(args.run_dir, args.name, args.compare, args.scale))

@@ -1,0 +1,47 @@
+"""scripts/ship_pretrained.py: re-evaluating a shipped optimizer keeps its history."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ship_pretrained.py"
+
+
+@pytest.fixture()
+def ship(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("ship_pretrained", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "PRETRAINED_DIR", tmp_path / "pretrained")
+    (tmp_path / "pretrained").mkdir()
+    return module
+
+
+def _compare_dir(path: Path, label: str, mean: float) -> Path:
+    path.mkdir()
+    row = {"optimizer": label, "n": 5, "mean": mean, "ci_low": mean - 0.1, "ci_high": mean + 0.1,
+           "pvalue": 0.01, "verdict": "worse"}
+    (path / "summary.json").write_text(json.dumps({"tasks": {"big_dense_long": {"rows": [row]}}}))
+    (path / "config.json").write_text(json.dumps({"config": {"seeds": 5}}))
+    return path
+
+
+def test_reevaluate_replaces_the_evaluation_and_keeps_the_old_one(ship, tmp_path):
+    record = ship.PRETRAINED_DIR / "big_dense_long.json"
+    record.write_text(json.dumps({"name": "big_dense_long", "evaluation": {"old": True}}))
+    ship.reevaluate("big_dense_long", _compare_dir(tmp_path / "cmp", "optim4rl:big_dense_long", 0.09))
+    data = json.loads(record.read_text())
+    assert data["earlier_evaluations"] == [{"old": True}]
+    assert data["evaluation"]["tasks"]["big_dense_long"]["rows"][0]["mean"] == 0.09
+
+
+def test_reevaluate_refuses_a_comparison_of_other_optimizers(ship, tmp_path):
+    (ship.PRETRAINED_DIR / "grid6.json").write_text(json.dumps({"name": "grid6"}))
+    with pytest.raises(SystemExit, match="did not evaluate 'grid6'"):
+        ship.reevaluate("grid6", _compare_dir(tmp_path / "cmp", "optim4rl:big_dense_long", 0.09))
+    with pytest.raises(SystemExit, match="no shipped optimizer"):
+        ship.reevaluate("nope", tmp_path / "cmp")
