@@ -109,6 +109,7 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
     RunDir(out).write_config(spec)
     results_rows: list[dict] = []
     per_task: dict[str, dict] = {}
+    code_versions: dict[str, int] = {}  # a reused run may come from older code: say so
     total_runs = len(spec.envs) * sum(len(e[2]) for e in entries)
     done_runs = 0
     for env in spec.envs:
@@ -136,6 +137,8 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                     training.run(train_spec, agent_cfg, run_dir, plot=False)
                 done_runs += 1
                 summary = json.loads((run_dir / "summary.json").read_text())
+                version = _code_version(run_dir)
+                code_versions[version] = code_versions.get(version, 0) + 1
                 scores = np.asarray([np.nan if s is None else s for s in _score_list(summary, spec.agent)])
                 rows = read_csv(run_dir / "metrics.csv")
                 x, y = _curve(rows, spec)
@@ -158,8 +161,29 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
     aggregate = None
     if len(spec.envs) > 1:
         aggregate = stats.aggregate_tasks({env: t["scores"] for env, t in per_task.items()}, reference=spec.reference)
-    summary = _write_summary(out, spec, per_task, aggregate)
+    summary = _write_summary(out, spec, per_task, aggregate, code_versions)
     return summary
+
+
+def _code_version(run_dir: Path) -> str:
+    """The code a run was trained with: short git commit (``+dirty`` if uncommitted changes), else
+    the package version."""
+    try:
+        version = json.loads((run_dir / "config.json").read_text()).get("code_version", {})
+    except (OSError, json.JSONDecodeError):
+        return "unknown"
+    commit = version.get("git_commit")
+    if commit:
+        return commit[:12] + ("+dirty" if version.get("git_dirty") else "")
+    return f"package {version.get('package', 'unknown')}"
+
+
+def format_code_versions(code_versions: dict[str, int]) -> str:
+    text = ", ".join(f"`{v}` ({n} run{'s' if n != 1 else ''})" for v, n in sorted(code_versions.items()))
+    if len(code_versions) > 1:
+        text += (" — several code versions: finished runs are reused when their config matches, "
+                 "so numbers can mix versions; a fresh `--out` retrains them all with one")
+    return text
 
 
 def _score_list(summary: dict, agent: str) -> list:
@@ -202,7 +226,8 @@ def _write_results(out: Path, rows: list[dict]) -> None:
         jsonl.unlink()
 
 
-def _write_summary(out: Path, spec: CompareSpec, per_task: dict, aggregate) -> dict:
+def _write_summary(out: Path, spec: CompareSpec, per_task: dict, aggregate,
+                   code_versions: dict[str, int] | None = None) -> dict:
     from optim4rl.analysis import stats
 
     lines = [f"# Optimizer comparison: {spec.agent.upper()}, {spec.seeds} seeds", "",
@@ -224,6 +249,9 @@ def _write_summary(out: Path, spec: CompareSpec, per_task: dict, aggregate) -> d
         lines += ["## Aggregate over tasks (scores normalised by the reference's mean)", "",
                   stats.markdown_table(aggregate), ""]
         data["aggregate"] = [dataclasses.asdict(r) for r in aggregate]
+    if code_versions:
+        lines += ["Code versions of the runs: " + format_code_versions(code_versions), ""]
+        data["code_versions"] = code_versions
     (out / "summary.md").write_text("\n".join(lines))
     write_json(out / "summary.json", data)
     return data

@@ -145,6 +145,12 @@ def write_report(out: Path, budget: str, selected: list[Experiment]) -> Path:
                     verdicts.append(f"- {exp.name} / {task}: `{row['optimizer']}` vs Adam: **{row['verdict']}** "
                                     f"(mean difference {row['diff']:.4g}, 90% CI [{row['diff_ci_low']:.4g}, "
                                     f"{row['diff_ci_high']:.4g}], paired t-test p = {row['pvalue']:.3g}, n = {row['n']})")
+    versions = sorted({v for exp in selected if (out / exp.name / "summary.json").exists()
+                       for v in json.loads((out / exp.name / "summary.json").read_text()).get("code_versions", {})})
+    if versions:
+        lines[4:4] = ["Code versions of the runs read: " + ", ".join(f"`{v}`" for v in versions)
+                      + (" (several: finished runs are reused when their config matches; a fresh `--out` "
+                         "retrains them all with one version)." if len(versions) > 1 else "."), ""]
     lines += ["## Where the learned optimizers win, tie and lose against Adam", "",
               "Verdict at α = 0.05 (paired t-test on the same seeds, no multiple-comparison correction):", "",
               *verdicts, ""]

@@ -97,6 +97,9 @@ def test_compare_two_optimizers_and_rerun_skips(tmp_path, capsys):
     mean_selected = sum(float(r["score"]) for r in selected) / 3
     assert table["rmsprop"]["mean"] == pytest.approx(mean_selected, rel=1e-6)
     assert "| rmsprop" in (out / "summary.md").read_text()
+    # Every run's code version is listed, so reused runs from older code cannot hide.
+    assert sum(summary["code_versions"].values()) == 3
+    assert "Code versions of the runs:" in (out / "summary.md").read_text()
     code, captured = run_cli(args, capsys)
     assert code == 0
     assert "(training)" not in captured.err and captured.err.count("skipped") == 3
@@ -110,6 +113,7 @@ def test_reproduce_smoke(tmp_path, capsys):
     report = (out / "results.md").read_text()
     assert "Where the learned optimizers win, tie and lose against Adam" in report
     assert "## catch" in report and "## CartPole-v1" in report
+    assert "Code versions of the runs read: `" in report
     for exp in ("a_big_dense_long", "c_gymnax"):
         assert (out / exp / "summary.json").exists()
     text = docs.read_text()
