@@ -7,6 +7,8 @@ Experiments:
                     tasks vs Adam and RMSProp.
   b_brax_reacher    (cpu budget only) the same on reacher, with Brax's published reacher settings
                     and 512k steps; in the paper budget reacher is one of b_brax's tasks.
+XX
+                    128 envs).
   c_gymnax          transfer beyond Brax: the grid6 optimizer with PPO on gymnax / MinAtar tasks.
   d_ablations       Optim4RL vs its ablations (raw gradient inputs; no pipeline training) on
                     big_dense_long, with the untrained Optim4RL as a floor.
@@ -81,6 +83,10 @@ def experiments(budget: str) -> list[Experiment]:
                    claim="paper: competitive with Adam and RMSProp on unseen Brax tasks"),
         *([] if paper else [Experiment(
             "b_brax_reacher", "Transfer: grid6 optimizer with PPO on Brax reacher", "ppo", ("reacher",),
+            ("adam", "rmsprop", o4r_grid6), 512_000, seeds,
+            claim="paper: competitive with Adam and RMSProp on unseen Brax tasks"),
+            Experiment(
+            "b_brax_ant", "Transfer: grid6 optimizer with PPO on Brax ant", "ppo", ("ant",),
             ("adam", "rmsprop", o4r_grid6), 512_000, seeds,
             claim="paper: competitive with Adam and RMSProp on unseen Brax tasks")]),
         Experiment("c_gymnax", "Transfer beyond Brax: gymnax / MinAtar with PPO", "ppo",

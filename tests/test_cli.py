@@ -129,6 +129,7 @@ def test_reproduce_budgets_cover_the_papers_brax_tasks():
     assert "b_brax_reacher" not in paper
     cpu = {e.name: e for e in reproduce.experiments("cpu")}
     assert cpu["b_brax_reacher"].envs == ("reacher",) and cpu["b_brax_reacher"].agent == "ppo"
+    assert cpu["b_brax_ant"].envs == ("ant",) and "b_brax_ant" not in paper
     assert cpu["b_brax"].envs == ("inverted_double_pendulum",)
     with pytest.raises(ConfigError, match="unknown budget"):
         reproduce.experiments("gpu")
