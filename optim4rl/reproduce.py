@@ -7,7 +7,7 @@ Experiments:
                     tasks vs Adam and RMSProp.
   b_brax_reacher    (cpu budget only) the same on reacher, with Brax's published reacher settings
                     and 512k steps; in the paper budget reacher is one of b_brax's tasks.
-XX
+  b_brax_ant        (cpu budget only) the same on ant with 512k steps (SPEC §4's ant settings at
                     128 envs).
   c_gymnax          transfer beyond Brax: the grid6 optimizer with PPO on gymnax / MinAtar tasks.
   d_ablations       Optim4RL vs its ablations (raw gradient inputs; no pipeline training) on
