@@ -32,6 +32,7 @@ import optax
 
 from optim4rl.analysis.response import format_response, step_response
 from optim4rl.config import parse_override
+from optim4rl.meta.pipeline import unit_norm_mean
 from optim4rl.optimizers import Optim4RL, save
 
 COORDINATES, STEP_SIZE, NOISE_LEVELS = 2048, 0.05, (0.0, 1.0, 10.0)
@@ -133,9 +134,7 @@ def main(argv=None) -> None:
         if args.normalize == "agent":
             grad_fn = jax.vmap(jax.value_and_grad(agent_meta_loss, has_aux=True), (None, 0, 0))
             (losses, pop), grads = grad_fn(phi, pop, keys)
-            norms = jax.vmap(optax.global_norm)(grads)
-            grad = jax.tree.map(lambda g: jnp.mean(g / (norms.reshape((-1,) + (1,) * (g.ndim - 1)) + 1e-12), 0),
-                                grads)
+            grad = unit_norm_mean(grads)
             loss = jnp.mean(losses)
         else:
             def mean_loss(phi):

@@ -191,9 +191,7 @@ class MetaTrainer:
             per_agent = jax.value_and_grad(self.agent_meta_loss, has_aux=True)
             (losses, (new_pop, scales)), grads = jax.vmap(per_agent, in_axes=(None, 0, 0, None))(
                 phi, pop, keys, setup)
-            norms = jax.vmap(optax.global_norm)(grads)
-            grad = jax.tree.map(
-                lambda g: jnp.mean(g / (norms.reshape((-1,) + (1,) * (g.ndim - 1)) + 1e-12), axis=0), grads)
+            grad = unit_norm_mean(grads)
             loss, update_scale = jnp.mean(losses), jnp.mean(scales)
         else:
             def mean_loss(phi):
@@ -241,6 +239,13 @@ class MetaTrainer:
     def run_chunk(self, state: MetaState, length: int | None = None):
         """`length` meta-iterations (default cfg.iterations_per_chunk) in one `lax.scan`."""
         return jax.lax.scan(self.meta_step, state, None, length=length or self.cfg.iterations_per_chunk)
+
+
+def unit_norm_mean(grads):
+    """Mean over the leading axis of a stacked pytree of gradients, each first scaled to unit norm."""
+    norms = jax.vmap(optax.global_norm)(grads)
+    return jax.tree.map(lambda g: jnp.mean(g / (norms.reshape((-1,) + (1,) * (g.ndim - 1)) + 1e-12), axis=0),
+                        grads)
 
 
 def _latest_return(traj, previous):
