@@ -173,6 +173,16 @@ _EXTRA_COMMANDS: list = []
 
 # --- meta-train ------------------------------------------------------------------------------
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def cmd_meta_train(args) -> int:
     from optim4rl import config as config_lib
     from optim4rl.meta import train as meta_train
@@ -203,9 +213,14 @@ def cmd_meta_train(args) -> int:
           f"pipeline={'on' if cfg.pipeline else 'off'} -> {out}", file=sys.stderr)
     bar = Progress(f"meta-train {Path(name).stem}")
     try:
-        summary = meta_train.run(cfg, out, callback=bar, resume=args.resume, preset=args.preset)
+        summary = meta_train.run(cfg, out, callback=bar, resume=args.resume, preset=args.preset,
+                                 time_limit_s=args.time_limit)
     finally:
         bar.close()
+    if "stopped_at_iteration" in summary:
+        print(f"stopped by --time-limit at meta-iteration {summary['stopped_at_iteration']} of "
+              f"{cfg.iterations}; φ so far saved to {summary['optimizer_file']}; continue with --resume --out {out}")
+        return 0
     final = summary.get("final_eval_return")
     print(f"done: {summary['iterations']} meta-iterations, {summary['skipped_updates']} skipped updates, "
           f"final evaluation return {final if final is None else round(final, 4)}; optimizer saved to "
@@ -225,6 +240,9 @@ def register_meta_train(sub) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a meta setting")
     p.add_argument("--out", help="run directory (default runs/meta-...)")
     p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    p.add_argument("--time-limit", dest="time_limit", type=_positive_seconds, metavar="SECONDS",
+                   help="stop cleanly (checkpoint + optimizer_latest.o4r) at the first chunk past this "
+                        "wall-clock time; --resume continues")
     p.set_defaults(func=cmd_meta_train)
 
 

@@ -49,10 +49,22 @@ def code_version() -> dict[str, Any]:
             version["git_dirty"] = bool(dirty.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
+    if "git_commit" not in version and os.environ.get("OPTIM4RL_GIT_COMMIT"):
+        # A copy of the tree without .git (a remote machine): the commit it was copied from.
+        version["git_commit"] = os.environ["OPTIM4RL_GIT_COMMIT"]
+        version["git_commit_from"] = "OPTIM4RL_GIT_COMMIT"
     version["jax"] = jax.__version__
     version["backend"] = jax.default_backend()
     version["devices"] = jax.device_count()
     return version
+
+
+def command_line() -> str:
+    """The command that started this process, as a user would retype it (``python -m optim4rl`` too)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "optim4rl":
+        argv[0] = "python -m optim4rl"
+    return " ".join(argv)
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -108,7 +120,7 @@ class RunDir:
             "config": to_jsonable(config),
             **{k: to_jsonable(v) for k, v in extra.items()},
             "code_version": code_version(),
-            "command": " ".join(sys.argv),
+            "command": command_line(),
         }
         write_json(self.file("config.json"), record)
         return record

@@ -166,6 +166,32 @@ def test_kill_and_resume_reach_the_same_phi(tmp_path):
     assert "code_version" in config and config["config"]["num_agents"] == 4
 
 
+def test_time_limit_stops_at_a_chunk_boundary_and_resume_finishes(tmp_path):
+    cfg = tiny_config(iterations=6)
+    stopped = meta_train.run(cfg, tmp_path / "run", time_limit_s=1e-9)
+    assert stopped["stopped_at_iteration"] == 2 and stopped["stopped_by"].startswith("time limit")
+    assert not (tmp_path / "run" / "optimizer.o4r").exists()  # a truncated φ never gets the final name
+    _, _, info = optimizers.load(tmp_path / "run" / "optimizer_latest.o4r")
+    assert info["meta_iterations"] == 2
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped_at_iteration"] == 2
+    resumed = meta_train.run(cfg, tmp_path / "run", resume=True)
+    full = meta_train.run(cfg, tmp_path / "full")
+    assert resumed["iterations"] == full["iterations"] == 6
+    _, phi_full, _ = optimizers.load(tmp_path / "full" / "optimizer.o4r")
+    _, phi_resumed, _ = optimizers.load(tmp_path / "run" / "optimizer.o4r")
+    for a, b in zip(jax.tree.leaves(phi_full), jax.tree.leaves(phi_resumed)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_code_version_names_the_commit_of_a_tree_copied_without_git(tmp_path, monkeypatch):
+    from optim4rl import runs
+
+    monkeypatch.setattr(runs, "_PACKAGE_ROOT", tmp_path / "optim4rl")  # not a git checkout
+    monkeypatch.setenv("OPTIM4RL_GIT_COMMIT", "0123abcd")
+    version = runs.code_version()
+    assert version["git_commit"] == "0123abcd" and version["git_commit_from"] == "OPTIM4RL_GIT_COMMIT"
+
+
 MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     from optim4rl.meta import MetaConfig, MetaTask, MetaTrainer

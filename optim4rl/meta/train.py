@@ -79,8 +79,16 @@ def run(
     resume: bool = False,
     preset: str | None = None,
     stop_after_chunks: int | None = None,
+    time_limit_s: float | None = None,
 ) -> dict[str, Any]:
-    """Meta-trains per `cfg` into run directory `out`; returns the summary."""
+    """Meta-trains per `cfg` into run directory `out`; returns the summary.
+
+    `time_limit_s` (wall-clock seconds of this process) stops the run at the first chunk boundary
+    past the limit: the checkpoint and ``optimizer_latest.o4r`` (φ so far, with its iteration in
+    the provenance) are written, and ``--resume`` continues it. The summary then has
+    ``stopped_at_iteration`` and no ``optimizer.o4r`` is written: a truncated φ is never saved
+    under the final name.
+    """
     run_dir = RunDir(out)
     trainer = MetaTrainer(cfg)
     state = place(trainer.init(), trainer)
@@ -172,6 +180,22 @@ def run(
             save_checkpoint(ckpt_path, state, {"iteration": end_iter,
                                                "wall_time_s": elapsed_before + time.time() - t_start})
             return {"stopped_at_iteration": end_iter}
+        if time_limit_s is not None and end_iter < cfg.iterations and time.time() - t_start > time_limit_s:
+            wall = elapsed_before + time.time() - t_start
+            save_checkpoint(ckpt_path, state, {"iteration": end_iter, "wall_time_s": wall})
+            latest = run_dir.file("optimizer_latest.o4r")
+            save_optimizer(latest, trainer, state.phi, _provenance(record, cfg, end_iter, preset))
+            summary = {
+                "optimizer": cfg.optimizer, "tasks": [t.env for t in cfg.tasks],
+                "iterations": end_iter, "stopped_at_iteration": end_iter,
+                "stopped_by": f"time limit {time_limit_s:g}s", "env_steps": end_iter * steps_per_iter,
+                "skipped_updates": int(state.skipped), "wall_time_s": wall,
+                "steps_per_s": timed_iters * steps_per_iter / timed_s if timed_s > 0 else None,
+                "final_eval_return": None, "evaluations": eval_rows, "optimizer_file": str(latest),
+            }
+            run_dir.write_summary(summary)
+            _plot(run_dir, cfg)
+            return summary
 
     final_eval = maybe_evaluate(int(state.iteration)) if evaluator is not None else None
     wall = elapsed_before + time.time() - t_start
