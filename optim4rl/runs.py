@@ -31,32 +31,36 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
 def code_version() -> dict[str, Any]:
-    """Package version plus the git commit of the source tree (when it is a git checkout)."""
+    """Package version plus the git commit of the source tree (when it is a git checkout).
+
+    ``OPTIM4RL_GIT_COMMIT``, when set, names the commit instead: set it when the tree was copied
+    to another machine, whose .git (if any) may hold another state of the tree.
+    """
     from optim4rl import __version__
 
     version: dict[str, Any] = {"package": __version__}
-    try:
-        repo = _PACKAGE_ROOT.parent
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=5
-        )
-        if commit.returncode == 0:
-            version["git_commit"] = commit.stdout.strip()
-            dirty = subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=repo, capture_output=True, text=True, timeout=5,
-            )
-            version["git_dirty"] = bool(dirty.stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    if "git_commit" not in version and os.environ.get("OPTIM4RL_GIT_COMMIT"):
-        # A copy of the tree without .git (a remote machine): the commit it was copied from.
+    if os.environ.get("OPTIM4RL_GIT_COMMIT"):
         version["git_commit"] = os.environ["OPTIM4RL_GIT_COMMIT"]
         version["git_commit_from"] = "OPTIM4RL_GIT_COMMIT"
+    else:
+        version.update(_git_version(_PACKAGE_ROOT.parent))
     version["jax"] = jax.__version__
     version["backend"] = jax.default_backend()
     version["devices"] = jax.device_count()
     return version
+
+
+def _git_version(repo: Path) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
+                                timeout=5)
+        if commit.returncode != 0:
+            return {}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=repo, capture_output=True, text=True, timeout=5)
+        return {"git_commit": commit.stdout.strip(), "git_dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {}
 
 
 def command_line() -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Paper-scale meta-training on a lent GPU machine within a fixed wall-clock budget (how the
-# *-gpu optimizer files were made). Runs from a copy of the repository root without .git or an
+# *-gpu optimizer files were made). Runs from a copy of the repository root (its .git, if any, may be stale) without an
 # install (`python -m optim4rl`); the commit is passed in OPTIM4RL_GIT_COMMIT and recorded in each
 # run's provenance. Writes into $OUT: log.txt, gpu.csv (nvidia-smi samples) and, per run,
 # NAME/{optimizer.o4r or optimizer_latest.o4r, metrics.csv, summary.json}.

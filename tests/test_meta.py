@@ -183,13 +183,14 @@ def test_time_limit_stops_at_a_chunk_boundary_and_resume_finishes(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_code_version_names_the_commit_of_a_tree_copied_without_git(tmp_path, monkeypatch):
+def test_code_version_names_the_commit_a_copied_tree_came_from(monkeypatch):
     from optim4rl import runs
 
-    monkeypatch.setattr(runs, "_PACKAGE_ROOT", tmp_path / "optim4rl")  # not a git checkout
-    monkeypatch.setenv("OPTIM4RL_GIT_COMMIT", "0123abcd")
+    assert "git_commit_from" not in runs.code_version()
+    monkeypatch.setenv("OPTIM4RL_GIT_COMMIT", "0123abcd")  # wins over this checkout's own .git
     version = runs.code_version()
     assert version["git_commit"] == "0123abcd" and version["git_commit_from"] == "OPTIM4RL_GIT_COMMIT"
+    assert "git_dirty" not in version
 
 
 MULTI_DEVICE = textwrap.dedent("""
