@@ -1,6 +1,6 @@
 """Ship a meta-trained optimizer: copy DIR/optimizer.o4r to optim4rl/pretrained/NAME.o4r.
 
-    python scripts/ship_pretrained.py RUN_DIR NAME [--compare COMPARE_DIR] [--scale TEXT]
+    python scripts/ship_pretrained.py RUN_DIR NAME [--compare COMPARE_DIR] [--scale TEXT] [--note TEXT]
     python scripts/ship_pretrained.py --reevaluate NAME --compare COMPARE_DIR
     python scripts/ship_pretrained.py --table        # only regenerate pretrained/README.md's table
 
@@ -28,14 +28,18 @@ from optim4rl.optimizers.registry import PRETRAINED_DIR
 TABLE_START, TABLE_END = "<!-- table:start -->", "<!-- table:end -->"
 
 
-def ship(run_dir: Path, name: str, compare_dir: Path | None, scale: str | None) -> Path:
+def ship(run_dir: Path, name: str, compare_dir: Path | None, scale: str | None, note: str | None = None) -> Path:
     source = run_dir / "optimizer.o4r"
     if not source.is_file():
         sys.exit(f"ship_pretrained: error: {source} does not exist (has the meta-training run finished?)")
     opt, _, info = load(source)  # validates the file before it is shipped
     target = PRETRAINED_DIR / f"{name}.o4r"
     shutil.copyfile(source, target)
-    config = json.loads((run_dir / "config.json").read_text())
+    # A run made on another machine may come back without config.json: the file's provenance
+    # holds the same command and preset.
+    config_path = run_dir / "config.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else \
+        {"command": info.get("command", ""), "preset": info.get("preset")}
     summary = json.loads((run_dir / "summary.json").read_text())
     meta = info.get("config", {})
     tasks = meta.get("tasks", [])
@@ -53,6 +57,8 @@ def ship(run_dir: Path, name: str, compare_dir: Path | None, scale: str | None) 
                            f"{summary.get('iterations')} meta-iterations ({summary.get('env_steps'):,} env steps)"),
         "trained_on": [t.get("env") if isinstance(t, dict) else t for t in tasks],
     }
+    if note:
+        record["note"] = note
     if compare_dir is not None:
         record["evaluation"] = _evaluation(compare_dir)
     (PRETRAINED_DIR / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -136,6 +142,7 @@ def main() -> None:
     parser.add_argument("name", nargs="?")
     parser.add_argument("--compare", type=Path, help="an optim4rl compare directory that evaluated this optimizer")
     parser.add_argument("--scale", help="text for the table's scale column")
+    parser.add_argument("--note", help="a remark kept in the record (for example where the run was made)")
     parser.add_argument("--table", action="store_true", help="only rebuild the README table")
     parser.add_argument("--reevaluate", metavar="NAME", help="replace a shipped file's evaluation (needs --compare)")
     args = parser.parse_args()
@@ -146,7 +153,7 @@ def main() -> None:
     elif not args.table:
         if args.run_dir is None or args.name is None:
             parser.error("give RUN_DIR and NAME (or --table)")
-        print(ship(args.run_dir, args.name, args.compare, args.scale))
+        print(ship(args.run_dir, args.name, args.compare, args.scale, args.note))
     write_table()
 
 

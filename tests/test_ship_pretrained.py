@@ -45,3 +45,24 @@ def test_reevaluate_refuses_a_comparison_of_other_optimizers(ship, tmp_path):
         ship.reevaluate("grid6", _compare_dir(tmp_path / "cmp", "optim4rl:big_dense_long", 0.09))
     with pytest.raises(SystemExit, match="no shipped optimizer"):
         ship.reevaluate("nope", tmp_path / "cmp")
+
+
+def test_ship_a_run_without_config_json_reads_the_files_provenance(ship, tmp_path):
+    import jax
+
+    from optim4rl import optimizers
+    from optim4rl.optimizers import Optim4RL
+
+    run = tmp_path / "remote-run"
+    run.mkdir()
+    opt = Optim4RL()
+    info = {"command": "python -m optim4rl meta-train --preset big_dense_long", "preset": "big_dense_long",
+            "config": {"num_agents": 512, "tasks": [{"env": "big_dense_long"}]}, "pipeline": True}
+    optimizers.save(run / "optimizer.o4r", opt, opt.init_meta(jax.random.key(0)), info=info)
+    (run / "summary.json").write_text(json.dumps({"iterations": 585, "env_steps": 29_952_000}))
+    ship.ship(run, "bdl-gpu", None, None, note="made on a GPU machine")
+    record = json.loads((ship.PRETRAINED_DIR / "bdl-gpu.json").read_text())
+    assert record["produced_by"]["commands"] == [info["command"]]
+    assert record["note"] == "made on a GPU machine"
+    assert record["scale"].startswith("big_dense_long: 512 agents per task, 585 meta-iterations")
+    assert (ship.PRETRAINED_DIR / "bdl-gpu.o4r").is_file()
