@@ -118,6 +118,7 @@ def run(
     t_start = time.time()
     timed_iters, timed_s = 0, 0.0
     chunks_run = 0
+    stopped_by = None  # set when --time-limit ends the run early
     eval_key = jax.random.key(cfg.seed + 7919)
 
     def maybe_evaluate(iteration: int) -> float | None:
@@ -181,34 +182,26 @@ def run(
                                                "wall_time_s": elapsed_before + time.time() - t_start})
             return {"stopped_at_iteration": end_iter}
         if time_limit_s is not None and end_iter < cfg.iterations and time.time() - t_start > time_limit_s:
-            wall = elapsed_before + time.time() - t_start
-            save_checkpoint(ckpt_path, state, {"iteration": end_iter, "wall_time_s": wall})
-            latest = run_dir.file("optimizer_latest.o4r")
-            save_optimizer(latest, trainer, state.phi, _provenance(record, cfg, end_iter, preset))
-            summary = {
-                "optimizer": cfg.optimizer, "tasks": [t.env for t in cfg.tasks],
-                "iterations": end_iter, "stopped_at_iteration": end_iter,
-                "stopped_by": f"time limit {time_limit_s:g}s", "env_steps": end_iter * steps_per_iter,
-                "skipped_updates": int(state.skipped), "wall_time_s": wall,
-                "steps_per_s": timed_iters * steps_per_iter / timed_s if timed_s > 0 else None,
-                "final_eval_return": None, "evaluations": eval_rows, "optimizer_file": str(latest),
-            }
-            run_dir.write_summary(summary)
-            _plot(run_dir, cfg)
-            return summary
+            stopped_by = f"time limit {time_limit_s:g}s"
+            save_checkpoint(ckpt_path, state, {"iteration": end_iter,
+                                               "wall_time_s": elapsed_before + time.time() - t_start})
+            break
 
-    final_eval = maybe_evaluate(int(state.iteration)) if evaluator is not None else None
+    iteration = int(state.iteration)
+    final_eval = maybe_evaluate(iteration) if evaluator is not None and stopped_by is None else None
     wall = elapsed_before + time.time() - t_start
-    save_optimizer(run_dir.file("optimizer.o4r"), trainer, state.phi,
-                   _provenance(record, cfg, int(state.iteration), preset))
+    optimizer_file = run_dir.file("optimizer_latest.o4r" if stopped_by else "optimizer.o4r")
+    save_optimizer(optimizer_file, trainer, state.phi, _provenance(record, cfg, iteration, preset))
     summary = {
         "optimizer": cfg.optimizer, "tasks": [t.env for t in cfg.tasks],
-        "iterations": int(state.iteration), "env_steps": int(state.iteration) * steps_per_iter,
+        "iterations": iteration, "env_steps": iteration * steps_per_iter,
         "skipped_updates": int(state.skipped), "wall_time_s": wall,
         "steps_per_s": timed_iters * steps_per_iter / timed_s if timed_s > 0 else None,
         "final_eval_return": final_eval, "evaluations": eval_rows,
-        "optimizer_file": str(run_dir.file("optimizer.o4r")),
+        "optimizer_file": str(optimizer_file),
     }
+    if stopped_by:
+        summary.update(stopped_at_iteration=iteration, stopped_by=stopped_by)
     run_dir.write_summary(summary)
     _plot(run_dir, cfg)
     return summary
