@@ -171,7 +171,9 @@ def run(
             if eval_value is not None:
                 event["eval_return"] = eval_value
             callback(event)
-        if time.time() - last_ckpt > cfg.checkpoint_every_s or end_iter >= cfg.iterations:
+        out_of_time = (time_limit_s is not None and end_iter < cfg.iterations
+                       and time.time() - t_start > time_limit_s)
+        if out_of_time or time.time() - last_ckpt > cfg.checkpoint_every_s or end_iter >= cfg.iterations:
             save_checkpoint(ckpt_path, state, {"iteration": end_iter,
                                                "wall_time_s": elapsed_before + time.time() - t_start})
             save_optimizer(run_dir.file("optimizer_latest.o4r"), trainer, state.phi,
@@ -181,17 +183,17 @@ def run(
             save_checkpoint(ckpt_path, state, {"iteration": end_iter,
                                                "wall_time_s": elapsed_before + time.time() - t_start})
             return {"stopped_at_iteration": end_iter}
-        if time_limit_s is not None and end_iter < cfg.iterations and time.time() - t_start > time_limit_s:
+        if out_of_time:
             stopped_by = f"time limit {time_limit_s:g}s"
-            save_checkpoint(ckpt_path, state, {"iteration": end_iter,
-                                               "wall_time_s": elapsed_before + time.time() - t_start})
             break
 
     iteration = int(state.iteration)
     final_eval = maybe_evaluate(iteration) if evaluator is not None and stopped_by is None else None
     wall = elapsed_before + time.time() - t_start
+    # A stopped run's φ is already in optimizer_latest.o4r (written with its checkpoint above).
     optimizer_file = run_dir.file("optimizer_latest.o4r" if stopped_by else "optimizer.o4r")
-    save_optimizer(optimizer_file, trainer, state.phi, _provenance(record, cfg, iteration, preset))
+    if not stopped_by:
+        save_optimizer(optimizer_file, trainer, state.phi, _provenance(record, cfg, iteration, preset))
     summary = {
         "optimizer": cfg.optimizer, "tasks": [t.env for t in cfg.tasks],
         "iterations": iteration, "env_steps": iteration * steps_per_iter,
