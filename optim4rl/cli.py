@@ -493,8 +493,11 @@ def cmd_inspect(args) -> int:
     results = []
     for spec in args.optimizers:
         result = response.step_response(spec, steps=args.steps, grad_clip=args.grad_clip, seed=args.seed or 0)
-        results.append(result)
+        relative = response.relative_response(spec, steps=max(args.steps, 2), grad_clip=args.grad_clip,
+                                              seed=args.seed or 0)
+        results.append({**result, "relative": relative})
         print(response.format_response(result) + "\n")
+        print(response.format_relative(relative) + "\n")
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -509,7 +512,9 @@ def register_inspect(sub) -> None:
         description="For each optimizer, feed coordinates a gradient of fixed size whose sign flips at "
                     "random (probability 0, 0.25, 0.5) and print |update|/lr after --steps updates. Adam "
                     "gives ~1 for consistent gradients and much less for noise; a learned optimizer that "
-                    "prints the same number everywhere is sign descent with a fixed step.")
+                    "prints the same number everywhere is sign descent with a fixed step. A second table "
+                    "gives |update|/lr of a last gradient 0.01x ... 100x the size of the noisy ones "
+                    "before it: RMSProp's step follows the ratio, sign descent's does not.")
     p.add_argument("optimizers", nargs="+", help="e.g. adam optim4rl:big_dense_long optim4rl:init")
     p.add_argument("--steps", type=int, default=20, help="updates before the response is read (default 20)")
     p.add_argument("--grad-clip", dest="grad_clip", type=float, help="elementwise clip (default off)")

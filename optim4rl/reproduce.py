@@ -176,9 +176,13 @@ def _step_response_section(shipped: list[str]) -> list[str]:
              "`optim4rl inspect` feeds coordinates a gradient of fixed size |g| whose sign flips with the "
              "given probability and reads |Δθ|/α after 20 updates. Adam gives about 1 for a consistent "
              "gradient of any size and much less for noise. A learned optimizer that gives the same "
-             "number everywhere is sign descent with a fixed step.", ""]
+             "number everywhere is sign descent with a fixed step. The second table gives |Δθ|/α of a "
+             "last gradient 0.01× … 100× the size of the 19 noisy ones before it: RMSProp's step "
+             "follows the ratio (|g|/rms), Adam's less (its momentum holds the history), sign "
+             "descent's not at all.", ""]
     for spec in specs:
         result = response.step_response(spec, magnitudes=(1e-6, 1e-4, 1e-2, 1.0), flip_probs=(0.0, 0.5))
-        lines += [response.format_response(result), ""]
+        relative = response.relative_response(spec, magnitudes=(1e-4, 1e-2))
+        lines += [response.format_response(result), "", response.format_relative(relative), ""]
     return lines
 

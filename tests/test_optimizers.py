@@ -48,7 +48,7 @@ def np_mlp(p, x):
     return x
 
 
-def np_optim4rl(phi, g, state, lr, inputs):
+def np_optim4rl(phi, g, state, lr, inputs, sign_flip=False):
     h_m, h_v = state
     if inputs == "sign_log":
         x_m = np.stack([np.sign(g), np.log(np.abs(g) + 1e-18)], -1)
@@ -56,8 +56,13 @@ def np_optim4rl(phi, g, state, lr, inputs):
     else:
         x_m, x_v = g[:, None], (g ** 2)[:, None]
     h_m, h_v = np_gru(phi["gru_m"], h_m, x_m), np_gru(phi["gru_v"], h_v, x_v)
-    o1, o2 = np_mlp(phi["head_m"], h_m)[:, 0], np_mlp(phi["head_v"], h_v)[:, 0]
-    m, v = np.sign(g) * np.exp(o1), np.exp(o2)
+    out_m, o2 = np_mlp(phi["head_m"], h_m), np_mlp(phi["head_v"], h_v)[:, 0]
+    if sign_flip:  # the reference code's learned sign: +1 where tanh(o + 1) >= 0, else -1
+        flip = np.where(np.tanh(out_m[:, 0] + 1.0) >= 0.0, 1.0, -1.0)
+        m = flip * np.sign(g) * np.exp(out_m[:, 1])
+    else:
+        m = np.sign(g) * np.exp(out_m[:, 0])
+    v = np.exp(o2)
     return -lr * m / np.sqrt(v + 1e-8), (h_m, h_v)
 
 
@@ -117,6 +122,7 @@ def np_star(phi, g, state, lr, params, leaf_sizes):
 LEARNED_CASES = {
     "optim4rl": Optim4RL(),
     "optim4rl_raw": Optim4RL(inputs="raw"),
+    "optim4rl_sign_flip": Optim4RL(sign_flip=True),
     "l2l": L2L(),
     "lin": Lin(),
     "star": STAR(),
@@ -190,7 +196,7 @@ def test_update_matches_numpy_formulas(case):
         grads = random_grads(rng, params)
         g = np.clip(flat(grads), -clip, clip)
         if case.startswith("optim4rl"):
-            expected, np_state = np_optim4rl(phi_np, g, np_state, lr, opt.inputs)
+            expected, np_state = np_optim4rl(phi_np, g, np_state, lr, opt.inputs, opt.sign_flip)
         elif case == "l2l":
             expected, np_state = np_l2l(phi_np, g, np_state, lr)
         elif case == "lin":
@@ -253,6 +259,38 @@ def test_log_scale_multiplies_the_log_features_and_old_files_keep_the_paper_defa
     assert Optim4RL.from_config(Optim4RL(log_scale=0.1).config()).log_scale == 0.1
     with pytest.raises(ValueError, match="log_scale"):
         Optim4RL(log_scale=0.0)
+
+
+def test_sign_flip_is_straight_through_and_off_in_old_files():
+    opt = Optim4RL(sign_flip=True)
+    phi = opt.init_meta(jax.random.PRNGKey(0))
+    assert phi["head_m"]["dense2"]["w"].shape == (16, 2)  # (sign, log-magnitude)
+    grads = {"w": jnp.asarray([0.3, -2e-3, 5e-6, -0.7])}
+    tx = opt.transform(phi, learning_rate=1e-2)
+    updates, _ = tx.update(grads, tx.init(grads))
+    # At initialisation the bias keeps the sign at +1: every step opposes the gradient.
+    np.testing.assert_array_equal(np.sign(updates["w"]), -np.sign(grads["w"]))
+
+    # Pushing the sign output far below -bias flips every step to the gradient's own sign.
+    last = phi["head_m"]["dense2"]
+    flipped = {**phi, "head_m": {**phi["head_m"], "dense2": {**last, "b": last["b"].at[0].add(-50.0)}}}
+    tx = opt.transform(flipped, learning_rate=1e-2)
+    updates, _ = tx.update(grads, tx.init(grads))
+    np.testing.assert_array_equal(np.sign(updates["w"]), np.sign(grads["w"]))
+
+    # The hard sign passes the gradient of tanh (straight through), so phi's sign output learns.
+    def loss(phi):
+        tx = opt.transform(phi, learning_rate=1e-2)
+        updates, _ = tx.update(grads, tx.init(grads))
+        return jnp.sum(updates["w"] * grads["w"])
+    meta_grads = jax.grad(loss)(phi)
+    assert np.asarray(meta_grads["head_m"]["dense2"]["b"])[0] != 0.0
+
+    config = Optim4RL().config()  # files written before the option existed load with it off
+    del config["sign_flip"], config["sign_bias"]
+    assert Optim4RL.from_config(config) == Optim4RL()
+    with pytest.raises(ValueError, match="sign_flip"):
+        Optim4RL(sign_flip="yes")
 
 
 def test_l2l_preprocessing_cases():

@@ -28,6 +28,20 @@ def test_learned_optimizer_response_is_finite_and_positive():
     assert table[4].startswith("| 0 | ") and table[4].count("|") == 4
 
 
+def test_relative_response_separates_rmsprop_from_sign_descent():
+    rms = np.asarray(response.relative_response("rmsprop", ratios=(0.1, 1.0, 10.0), steps=20)["response"])
+    assert np.all(np.diff(rms, axis=1) > 0) and np.all(rms[:, 2] > 10 * rms[:, 0])  # follows |g|/rms
+    sign = np.asarray(response.relative_response("sign_sgd", ratios=(0.1, 1.0, 10.0), steps=5)["response"])
+    np.testing.assert_allclose(sign, 1.0)  # a fixed step, whatever the size
+    result = response.relative_response("optim4rl:init", ratios=(0.5, 2.0), magnitudes=(1e-3,), steps=3,
+                                        coordinates=4)
+    table = response.format_relative(result).splitlines()
+    assert table[2] == "| history size \\ last gradient / history | 0.5× | 2× |"
+    assert table[4].startswith("| 0.001 | ") and np.all(np.asarray(result["response"]) > 0)
+    with pytest.raises(ConfigError, match="ratios"):
+        response.relative_response("adam", ratios=(0.0,))
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ConfigError, match="flip probabilities"):
         response.step_response("adam", flip_probs=(1.5,))
@@ -40,7 +54,11 @@ def test_inspect_command_prints_tables_and_writes_json(tmp_path, capsys):
     assert main(["inspect", "adam", "rmsprop", "--steps", "5", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "`adam`" in printed and "`rmsprop`" in printed
+    assert "last gradient / history" in printed
     assert out.exists()
+    import json
+    assert [r["spec"] for r in json.loads(out.read_text())] == ["adam", "rmsprop"]
+    assert "relative" in json.loads(out.read_text())[0]
     with pytest.raises(SystemExit):
         main(["inspect", "nosuchopt"])
     assert "unknown optimizer 'nosuchopt'" in capsys.readouterr().err

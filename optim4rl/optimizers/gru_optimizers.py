@@ -80,6 +80,14 @@ class Optim4RL(LearnedOptimizer):
         standard initialisation, so every coordinate gets nearly the same step size. A factor
         such as 0.1 keeps the inputs of order one and loses no information; on its own it did not
         make CPU-scale meta-training use |g| (docs/DESIGN.md).
+      sign_flip: the public reference code's learned sign (off by default, as in the paper and
+        SPEC §1). GRU-1's head gives two outputs; the first becomes ``s = sign(tanh(o + sign_bias))``
+        in the forward pass, with the gradient of ``tanh`` (straight-through), and
+        ``m = s · sign(g) · exp(o1)``. The optimizer may then step *against* the current gradient
+        where its history says the sign is noise, a momentum-like move the paper's form cannot
+        make.
+      sign_bias: added before the ``tanh`` of ``sign_flip`` so that ``s = +1`` at initialisation
+        (1.0, as in the reference).
     """
 
     hidden_size: int = 8
@@ -88,6 +96,8 @@ class Optim4RL(LearnedOptimizer):
     log_eps: float = 1e-18
     eps: float = 1e-8
     log_scale: float = 1.0
+    sign_flip: bool = False
+    sign_bias: float = 1.0
 
     name: ClassVar[str] = "optim4rl"
 
@@ -98,13 +108,16 @@ class Optim4RL(LearnedOptimizer):
         check_positive("log_eps", self.log_eps)
         check_positive("eps", self.eps)
         check_positive("log_scale", self.log_scale)
+        if not isinstance(self.sign_flip, bool):
+            raise ValueError(f"sign_flip must be true or false, got {self.sign_flip!r}")
 
     def init_meta(self, key: Array) -> MetaParams:
         keys = jax.random.split(key, 4)
         m_inputs = 2 if self.inputs == "sign_log" else 1
         return {
             "gru_m": gru_init(keys[0], m_inputs, self.hidden_size),
-            "head_m": mlp_init(keys[1], self.hidden_size, self.head_sizes, 1),
+            "head_m": mlp_init(keys[1], self.hidden_size, self.head_sizes,
+                               2 if self.sign_flip else 1),
             "gru_v": gru_init(keys[2], 1, self.hidden_size),
             "head_v": mlp_init(keys[3], self.hidden_size, self.head_sizes, 1),
         }
@@ -132,9 +145,15 @@ class Optim4RL(LearnedOptimizer):
         inputs_m, inputs_v = self.network_inputs(grads)
         hidden_m = gru_apply(phi["gru_m"], hidden_m, inputs_m)
         hidden_v = gru_apply(phi["gru_v"], hidden_v, inputs_v)
-        o1 = mlp_apply(phi["head_m"], hidden_m)[..., 0, :]
+        out_m = mlp_apply(phi["head_m"], hidden_m)
         o2 = mlp_apply(phi["head_v"], hidden_v)[..., 0, :]
-        m = jnp.sign(grads) * jnp.exp(o1)
+        if self.sign_flip:
+            soft = jnp.tanh(out_m[..., 0, :] + self.sign_bias)
+            hard = jnp.where(soft >= 0.0, 1.0, -1.0)
+            m = (soft + jax.lax.stop_gradient(hard - soft)) * jnp.sign(grads) * jnp.exp(
+                out_m[..., 1, :])
+        else:
+            m = jnp.sign(grads) * jnp.exp(out_m[..., 0, :])
         v = jnp.exp(o2)
         return m * jax.lax.rsqrt(v + self.eps), hidden_m, hidden_v
 
