@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optim4rl.analysis.response import format_response, step_response
+from optim4rl.analysis.response import format_relative, format_response, relative_response, step_response
 from optim4rl.config import parse_override
 from optim4rl.meta.pipeline import unit_norm_mean
 from optim4rl.optimizers import Optim4RL, save
@@ -167,8 +167,10 @@ def main(argv=None) -> None:
         path = Path(tmp) / "trained.o4r"
         save(path, opt, phi, info={"note": "noisy_quadratic_pipeline.py"})
         result = step_response(f"optim4rl:{path}", magnitudes=(1e-6, 1e-4, 1e-2, 1.0), flip_probs=(0.0, 0.5))
-    result["spec"] = "optim4rl (meta-trained)"
+        relative = relative_response(f"optim4rl:{path}")
+    result["spec"] = relative["spec"] = "optim4rl (meta-trained)"
     print("\n" + format_response(result))
+    print("\n" + format_relative(relative))
 
 
 if __name__ == "__main__":
