@@ -82,6 +82,10 @@ def cmd_train(args) -> int:
         spec_data["learning_rate"] = args.lr
     if args.grad_clip is not None:
         spec_data["grad_clip"] = None if args.grad_clip <= 0 else args.grad_clip
+    if "learning_rate" not in spec_data:
+        defaults = training.TrainSpec()
+        spec_data["learning_rate"] = training.default_learning_rate(
+            spec_data.get("agent", defaults.agent), spec_data.get("env", defaults.env))
     spec = config_lib.from_dict(training.TrainSpec, spec_data, "train")
     overrides = dict(preset.get("agent", {}))
     for item in args.set or []:
@@ -149,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--env", help="environment name (see `optim4rl list envs`)")
     p.add_argument("--agent", choices=["a2c", "ppo"])
     p.add_argument("--optimizer", help="adam, rmsprop, sgd, ... or optim4rl:FILE|PRETRAINED")
-    p.add_argument("--lr", type=float, help="learning rate (step size)")
+    p.add_argument("--lr", type=float, help="learning rate (step size); default A2C 3e-3, PPO the task's "
+                                            "SPEC §4 step size (3e-4; walker2d 3e-5)")
     p.add_argument("--grad-clip", type=float, help="elementwise gradient clip (0 = off; default 1)")
     p.add_argument("--steps", type=int, help="environment steps per seed")
     p.add_argument("--seeds", type=int, help="number of seeds, trained in parallel")
@@ -296,7 +301,8 @@ def register_compare(sub) -> None:
     p.add_argument("--env", nargs="+", help="one or more environments (several: also an aggregate)")
     p.add_argument("--optimizers", nargs="+", help="e.g. adam rmsprop optim4rl:grid6 (NAME@LR,LR to sweep)")
     p.add_argument("--agent", choices=["a2c", "ppo"])
-    p.add_argument("--lrs", nargs="+", type=float, help="step sizes swept for every optimizer")
+    p.add_argument("--lrs", nargs="+", type=float, help="step sizes swept for every optimizer without its own @LR (default: the task's own, "
+                        "A2C 3e-3, PPO SPEC §4's table: 3e-4, walker2d 3e-5)")
     p.add_argument("--seeds", type=int, help="seeds per optimizer (default 10)")
     p.add_argument("--seed", type=int, help="first seed")
     p.add_argument("--steps", type=int, help="environment steps per seed")

@@ -28,9 +28,6 @@ from optim4rl import training
 from optim4rl.errors import ConfigError
 from optim4rl.runs import RunDir, read_csv, to_jsonable, write_json
 
-DEFAULT_LR = {"a2c": 3e-3, "ppo": 3e-4}
-
-
 @dataclass(frozen=True)
 class CompareSpec:
     envs: tuple[str, ...]
@@ -65,7 +62,7 @@ def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[floa
         except ValueError:
             raise ConfigError(f"bad step sizes in {entry!r}: use NAME@LR[,LR...]") from None
     else:
-        rates = spec.learning_rates or (DEFAULT_LR[spec.agent],)
+        rates = spec.learning_rates  # () = each task's default step size (training.default_learning_rate)
     label = name
     arch, _, source = name.partition(":")
     if source.endswith(".o4r"):
@@ -110,7 +107,7 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
     results_rows: list[dict] = []
     per_task: dict[str, dict] = {}
     code_versions: dict[str, int] = {}  # a reused run may come from older code: say so
-    total_runs = len(spec.envs) * sum(len(e[2]) for e in entries)
+    total_runs = len(spec.envs) * sum(max(len(e[2]), 1) for e in entries)
     done_runs = 0
     for env in spec.envs:
         curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -119,7 +116,7 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
         sweep: dict[str, dict[float, float]] = {}
         for label, name, rates in entries:
             best = None
-            for lr in rates:
+            for lr in rates or (training.default_learning_rate(spec.agent, env),):
                 train_spec = training.TrainSpec(
                     agent=spec.agent, env=env, optimizer=name, learning_rate=lr, grad_clip=spec.grad_clip,
                     seeds=spec.seeds, seed=spec.seed, log_chunks=spec.log_chunks)

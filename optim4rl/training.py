@@ -27,6 +27,16 @@ from optim4rl.runs import RunDir, load_checkpoint, read_csv, save_checkpoint
 Callback = Callable[[dict[str, Any]], None]
 
 
+def default_learning_rate(agent: str, env: str) -> float:
+    """The step size a run gets when none is given: A2C 3e-3 (SPEC §4's best Adam step on the
+    gridworlds); PPO the task's step size in SPEC §4's table (walker2d 3e-5), else 3e-4."""
+    if agent == "ppo":
+        from optim4rl.agents.ppo import PAPER_LEARNING_RATES, _task_name
+
+        return PAPER_LEARNING_RATES.get(_task_name(env), 3e-4)
+    return 3e-3
+
+
 @dataclass(frozen=True)
 class TrainSpec:
     """What `optim4rl train` runs: an agent on an env with an optimizer, over several seeds."""

@@ -130,6 +130,29 @@ def test_reproduce_budgets_cover_the_papers_brax_tasks():
     cpu = {e.name: e for e in reproduce.experiments("cpu")}
     assert cpu["b_brax_reacher"].envs == ("reacher",) and cpu["b_brax_reacher"].agent == "ppo"
     assert cpu["b_brax_ant"].envs == ("ant",) and "b_brax_ant" not in paper
+    for env in ("humanoid", "walker2d"):  # in b_brax at the paper budget, on their own at the cpu one
+        assert cpu[f"b_brax_{env}"].envs == (env,) and env in paper["b_brax"].envs
     assert cpu["b_brax"].envs == ("inverted_double_pendulum",)
     with pytest.raises(ConfigError, match="unknown budget"):
         reproduce.experiments("gpu")
+
+
+def test_default_step_sizes_follow_spec_per_task(tmp_path, monkeypatch):
+    from optim4rl import compare, training
+
+    assert training.default_learning_rate("a2c", "big_dense_long") == 3e-3
+    assert training.default_learning_rate("ppo", "walker2d") == 3e-5  # SPEC §4's walker2d row
+    assert training.default_learning_rate("ppo", "brax:ant") == 3e-4
+    assert training.default_learning_rate("ppo", "CartPole-v1") == 3e-4
+    # compare: an optimizer without "@LR" gets each task's own default, one run per task.
+    seen = []
+
+    def fake_run(train_spec, agent_cfg, run_dir, **kwargs):
+        seen.append((train_spec.env, train_spec.learning_rate))
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(training, "run", fake_run)
+    spec = compare.CompareSpec(envs=("walker2d",), optimizers=("adam",), agent="ppo", seeds=2)
+    with pytest.raises(RuntimeError, match="stop"):
+        compare.run(spec, tmp_path / "cmp")
+    assert seen == [("walker2d", 3e-5)]

@@ -87,7 +87,9 @@ _CPU_NUM_ENVS = 128
 
 
 # CPU presets keep an update near 20-25k env steps (about 10 updates per 200k-step run).
-_CPU_OVERRIDES = {"reacher": dict(num_minibatches=4)}  # 128 envs x 4 x 50 = 25,600 steps per update
+_CPU_OVERRIDES = {"reacher": dict(num_minibatches=4),  # 128 envs x 4 x 50 = 25,600 steps per update
+                  "humanoid": dict(num_minibatches=16),  # 128 x 16 x 10 = 20,480
+                  "walker2d": dict(num_minibatches=8)}  # 128 x 8 x 20 = 20,480
 
 
 def _task_settings(env: str) -> dict:
