@@ -125,8 +125,11 @@ def test_update_scale_metric_is_the_mean_step_over_the_step_size():
     _, metrics = jax.jit(tr.meta_step)(tr.init())
     scale = float(metrics["update_scale/catch"])
     assert np.isfinite(scale) and scale > 0.0
-    from optim4rl.meta.pipeline import _mean_abs
+    zero = float(metrics["zero_grad_fraction/catch"])
+    assert 0.0 <= zero < 1.0
+    from optim4rl.meta.pipeline import _mean_abs, _zero_fraction
     assert float(_mean_abs({"a": jnp.asarray([1.0, -3.0]), "b": jnp.asarray([[0.0, 4.0]])})) == 2.0
+    assert float(_zero_fraction({"a": jnp.asarray([1.0, 0.0]), "b": jnp.asarray([[0.0, 0.0]])})) == 0.75
 
 
 def test_nan_agent_is_reset_and_phi_stays_finite(trainer):

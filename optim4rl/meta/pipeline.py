@@ -164,14 +164,18 @@ class MetaTrainer:
             # Monitoring only: the mean step |Δθ|/α over all coordinates, zero-gradient ones
             # included (Adam-like optimizers give much less than 1 on noisy gradients).
             scale = jax.lax.stop_gradient(_mean_abs(updates) / setup.task.learning_rate)
-            return (params, opt_state, env_state, next_obs, last_return), scale
+            # ... and the fraction of coordinates whose gradient is exactly zero: a learned
+            # optimizer whose steps are too large kills the agent's ReLU units, and its
+            # update_scale then falls because the dead coordinates get no step at all.
+            zero = jax.lax.stop_gradient(_zero_fraction(grads))
+            return (params, opt_state, env_state, next_obs, last_return), (scale, zero)
 
         if cfg.remat:
             # Keep only each update's carry for the backward pass and recompute the optimizer's
             # per-coordinate activations: memory ~ O(coordinates x state) instead of O(x network).
             inner_update = jax.checkpoint(inner_update)
         carry = (agent.params, agent.opt_state, agent.env_state, agent.obs, agent.last_return)
-        carry, scales = jax.lax.scan(inner_update, carry, keys[:-1])
+        carry, (scales, zeros) = jax.lax.scan(inner_update, carry, keys[:-1])
         params, opt_state, env_state, obs, last_return = carry
         env_state, next_obs, traj = a2c.rollout(
             keys[-1], net, jax.lax.stop_gradient(params), env, env_state, obs, cfg.rollout_length)
@@ -180,7 +184,7 @@ class MetaTrainer:
             loss = aux["actor_loss"]
         last_return = _latest_return(traj, last_return)
         new_agent = AgentState(params, opt_state, env_state, next_obs, agent.age + 1, last_return)
-        return loss, (jax.lax.stop_gradient(new_agent), jnp.mean(scales))
+        return loss, (jax.lax.stop_gradient(new_agent), jnp.stack([jnp.mean(scales), jnp.mean(zeros)]))
 
     def task_meta_gradient(self, phi, pop: AgentState, key, setup: TaskSetup):
         keys = jax.random.split(key, len(setup.offsets))
@@ -192,12 +196,12 @@ class MetaTrainer:
             (losses, (new_pop, scales)), grads = jax.vmap(per_agent, in_axes=(None, 0, 0, None))(
                 phi, pop, keys, setup)
             grad = unit_norm_mean(grads)
-            loss, update_scale = jnp.mean(losses), jnp.mean(scales)
+            loss, update_scale = jnp.mean(losses), jnp.mean(scales, axis=0)
         else:
             def mean_loss(phi):
                 losses, (new_pop, scales) = jax.vmap(self.agent_meta_loss, in_axes=(None, 0, 0, None))(
                     phi, pop, keys, setup)
-                return jnp.mean(losses), (new_pop, jnp.mean(scales))
+                return jnp.mean(losses), (new_pop, jnp.mean(scales, axis=0))
 
             (loss, (new_pop, update_scale)), grad = jax.value_and_grad(mean_loss, has_aux=True)(phi)
         norm = optax.global_norm(grad)
@@ -219,7 +223,8 @@ class MetaTrainer:
             name = setup.task.env
             metrics[f"meta_loss/{name}"] = loss
             metrics[f"meta_grad_norm/{name}"] = norm
-            metrics[f"update_scale/{name}"] = scale
+            metrics[f"update_scale/{name}"] = scale[0]
+            metrics[f"zero_grad_fraction/{name}"] = scale[1]
             metrics[f"nonfinite_agents/{name}"] = nonfinite.astype(jnp.float32)
             metrics.update(_returns_by_age(pop, setup, cfg.age_bins, name))
         grad = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *grads)
@@ -274,6 +279,12 @@ def _returns_by_age(pop: AgentState, setup: TaskSetup, bins: int, name: str) -> 
         out[f"return_age{b}/{name}"] = jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
     out[f"return/{name}"] = jnp.nanmean(jnp.where(valid, pop.last_return, jnp.nan))
     return out
+
+
+def _zero_fraction(tree) -> Array:
+    """Fraction of the elements of a pytree of arrays that are exactly zero."""
+    leaves = jax.tree.leaves(tree)
+    return sum(jnp.sum(x == 0) for x in leaves) / sum(x.size for x in leaves)
 
 
 def _mean_abs(tree) -> Array:
