@@ -175,7 +175,7 @@ class MetaTrainer:
             # per-coordinate activations: memory ~ O(coordinates x state) instead of O(x network).
             inner_update = jax.checkpoint(inner_update)
         carry = (agent.params, agent.opt_state, agent.env_state, agent.obs, agent.last_return)
-        carry, (scales, zeros) = jax.lax.scan(inner_update, carry, keys[:-1])
+        carry, monitors = jax.lax.scan(inner_update, carry, keys[:-1])
         params, opt_state, env_state, obs, last_return = carry
         env_state, next_obs, traj = a2c.rollout(
             keys[-1], net, jax.lax.stop_gradient(params), env, env_state, obs, cfg.rollout_length)
@@ -184,7 +184,8 @@ class MetaTrainer:
             loss = aux["actor_loss"]
         last_return = _latest_return(traj, last_return)
         new_agent = AgentState(params, opt_state, env_state, next_obs, agent.age + 1, last_return)
-        return loss, (jax.lax.stop_gradient(new_agent), jnp.stack([jnp.mean(scales), jnp.mean(zeros)]))
+        # (update_scale, zero_grad_fraction), each averaged over the K inner updates.
+        return loss, (jax.lax.stop_gradient(new_agent), jax.tree.map(jnp.mean, monitors))
 
     def task_meta_gradient(self, phi, pop: AgentState, key, setup: TaskSetup):
         keys = jax.random.split(key, len(setup.offsets))
@@ -193,22 +194,22 @@ class MetaTrainer:
             # One meta-gradient per agent (the backward pass already keeps per-agent copies of φ's
             # gradient), each scaled to unit norm before the mean.
             per_agent = jax.value_and_grad(self.agent_meta_loss, has_aux=True)
-            (losses, (new_pop, scales)), grads = jax.vmap(per_agent, in_axes=(None, 0, 0, None))(
+            (losses, (new_pop, monitors)), grads = jax.vmap(per_agent, in_axes=(None, 0, 0, None))(
                 phi, pop, keys, setup)
             grad = unit_norm_mean(grads)
-            loss, update_scale = jnp.mean(losses), jnp.mean(scales, axis=0)
+            loss, monitors = jnp.mean(losses), jax.tree.map(jnp.mean, monitors)
         else:
             def mean_loss(phi):
-                losses, (new_pop, scales) = jax.vmap(self.agent_meta_loss, in_axes=(None, 0, 0, None))(
+                losses, (new_pop, monitors) = jax.vmap(self.agent_meta_loss, in_axes=(None, 0, 0, None))(
                     phi, pop, keys, setup)
-                return jnp.mean(losses), (new_pop, jnp.mean(scales, axis=0))
+                return jnp.mean(losses), (new_pop, jax.tree.map(jnp.mean, monitors))
 
-            (loss, (new_pop, update_scale)), grad = jax.value_and_grad(mean_loss, has_aux=True)(phi)
+            (loss, (new_pop, monitors)), grad = jax.value_and_grad(mean_loss, has_aux=True)(phi)
         norm = optax.global_norm(grad)
         if self.cfg.meta_max_norm:
             # Normalised, not clipped: every task contributes a step of the same size (SPEC §2).
             grad = jax.tree.map(lambda g: g * (self.cfg.meta_max_norm / (norm + 1e-12)), grad)
-        return grad, new_pop, loss, norm, update_scale
+        return grad, new_pop, loss, norm, monitors
 
     def meta_step(self, state: MetaState, _=None):
         cfg = self.cfg
@@ -217,14 +218,15 @@ class MetaTrainer:
         for i, setup in enumerate(self.tasks):
             pop, nonfinite = self.reset_population(task_keys[2 * i], state.phi, state.populations[i], setup,
                                                    state.iteration)
-            grad, pop, loss, norm, scale = self.task_meta_gradient(state.phi, pop, task_keys[2 * i + 1], setup)
+            grad, pop, loss, norm, (scale, zero) = self.task_meta_gradient(
+                state.phi, pop, task_keys[2 * i + 1], setup)
             grads.append(grad)
             pops.append(pop)
             name = setup.task.env
             metrics[f"meta_loss/{name}"] = loss
             metrics[f"meta_grad_norm/{name}"] = norm
-            metrics[f"update_scale/{name}"] = scale[0]
-            metrics[f"zero_grad_fraction/{name}"] = scale[1]
+            metrics[f"update_scale/{name}"] = scale
+            metrics[f"zero_grad_fraction/{name}"] = zero
             metrics[f"nonfinite_agents/{name}"] = nonfinite.astype(jnp.float32)
             metrics.update(_returns_by_age(pop, setup, cfg.age_bins, name))
         grad = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *grads)
