@@ -1,4 +1,4 @@
-"""The `optim4rl` command: train, meta-train, compare, gradients, reproduce, list.
+"""The `optim4rl` command: train, meta-train, compare, gradients, reproduce, inspect, imitate, list.
 
 This is the only module that parses arguments or prints. Library errors that describe bad input
 (`optim4rl.errors.Optim4RLError`, a ValueError) become one line `optim4rl: error: ...`, exit 2.
@@ -36,7 +36,7 @@ class Progress:
         post = {}
         for key, label in (("episode_return", "return"), ("steps_per_s", "steps/s"),
                            ("meta_loss", "meta_loss"), ("update_scale", "|Δθ|/lr"), ("eval_return", "eval"),
-                           ("optimizer", "opt")):
+                           ("loss", "loss"), ("optimizer", "opt")):
             value = event.get(key)
             if isinstance(value, float) and math.isfinite(value):
                 post[label] = f"{value:.4g}"
@@ -530,6 +530,75 @@ def register_inspect(sub) -> None:
 
 
 _EXTRA_COMMANDS.append(register_inspect)
+
+
+# --- imitate ---------------------------------------------------------------------------------
+
+def cmd_imitate(args) -> int:
+    import dataclasses
+
+    from optim4rl import config as config_lib
+    from optim4rl import optimizers
+    from optim4rl.analysis import response
+    from optim4rl.optimizers import imitate as imitate_lib
+    from optim4rl.runs import code_version, command_line
+
+    settings = {"target": args.target, "seed": args.seed}
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    for item in args.set or []:
+        keys, value = config_lib.parse_override(item)
+        config_lib.set_path(settings, keys, value)
+    cfg = config_lib.from_dict(imitate_lib.ImitationConfig, settings, "imitate")
+    opt, phi, source_info = optimizers.learned_from_spec(args.optimizer)
+    out = Path(args.out)
+    if out.suffix != ".o4r":
+        raise ConfigError(f"--out must name a .o4r file, got '{out}'")
+    imitate_lib.target_transform(opt, cfg)  # fail on a bad target before any work
+    print(f"optim4rl imitate: {args.optimizer} -> step sizes of {cfg.target}, {cfg.steps} steps on "
+          f"{cfg.coordinates} streams x {cfg.horizon} updates -> {out}", file=sys.stderr)
+    bar = Progress("imitate", unit="step")
+    try:
+        phi, report = imitate_lib.imitate(opt, phi, cfg, callback=bar)
+    finally:
+        bar.close()
+    info = {"made_by": "optim4rl imitate", "command": command_line(),
+            "imitation": dataclasses.asdict(cfg), "seed": cfg.seed, "start": args.optimizer,
+            "start_info": source_info, "code_version": code_version(),
+            "heldout_loss_before": report["heldout_loss_before"],
+            "heldout_loss_after": report["heldout_loss_after"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    optimizers.save(out, opt, phi, info=info)
+    print(f"held-out squared log-error of |update|/lr against {cfg.target}: "
+          f"{report['heldout_loss_before']:.4g} before, {report['heldout_loss_after']:.4g} after")
+    spec = f"{opt.name}:{out}"
+    print(response.format_response(response.step_response(spec)) + "\n")
+    print(response.format_relative(response.relative_response(spec)))
+    print(f"saved to {out}; train with --optimizer {spec}, or meta-train from it with "
+          f"--set init_from={out}", file=sys.stderr)
+    return 0
+
+
+def register_imitate(sub) -> None:
+    p = sub.add_parser(
+        "imitate", help="fit a learned optimizer's step sizes to Adam's (or any optimizer's)",
+        description="Not in the paper. Fits φ so that the learned optimizer's |update|/lr matches the "
+                    "target's on synthetic per-coordinate gradient streams (scales 1e-8 ... 1, noise, "
+                    "exactly-zero gradients). The result trains agents like any .o4r file and can start "
+                    "pipeline meta-training (meta-train --set init_from=FILE).")
+    p.add_argument("--optimizer", default="optim4rl:init",
+                   help="learned optimizer to start from: NAME:init, NAME:FILE.o4r or NAME:PRETRAINED "
+                        "(default optim4rl:init)")
+    p.add_argument("--target", default="adam", help="optimizer whose step sizes to match (default adam)")
+    p.add_argument("--steps", type=int, help="fitting steps (default 500)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="another ImitationConfig field: coordinates, horizon, learning_rate, floor, chunk")
+    p.add_argument("--out", required=True, help="output parameter file (.o4r)")
+    p.set_defaults(func=cmd_imitate)
+
+
+_EXTRA_COMMANDS.append(register_imitate)
 
 
 def main(argv: list[str] | None = None) -> int:

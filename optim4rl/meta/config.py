@@ -31,6 +31,9 @@ class MetaConfig:
 
     optimizer: str = "optim4rl"
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    # Start φ from this parameter file or pretrained name (e.g. from `optim4rl imitate`) instead
+    # of a random init; the file fixes the architecture (not in the paper, which starts from scratch).
+    init_from: str | None = None
     tasks: tuple[MetaTask, ...] = (MetaTask("catch", 1.0, 3e-3),)
     agent: Literal["a2c"] = "a2c"
     num_agents: int = 512

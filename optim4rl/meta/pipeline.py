@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optim4rl.errors import ConfigError
 from optim4rl.meta.config import MetaConfig, MetaTask
 
 Array = jax.Array
@@ -90,6 +91,13 @@ class MetaTrainer:
                 f"unknown learned optimizer {cfg.optimizer!r}; known: {', '.join(optimizers.LEARNED)}"
             )
         self.opt = optimizers.LEARNED[cfg.optimizer](**dict(cfg.optimizer_options))
+        self.init_phi = None
+        if cfg.init_from:
+            opt, self.init_phi, _ = optimizers.learned_from_spec(f"{cfg.optimizer}:{cfg.init_from}")
+            if cfg.optimizer_options and opt != self.opt:
+                raise ConfigError(f"init_from {cfg.init_from}: the file's architecture {opt.config()} "
+                                  f"differs from optimizer_options {dict(cfg.optimizer_options)}")
+            self.opt = opt
         self.tasks = tuple(build_task(cfg, t) for t in cfg.tasks)
         meta_tx = []
         if cfg.meta_grad_clip:
@@ -120,7 +128,7 @@ class MetaTrainer:
     def init(self, key=None) -> MetaState:
         key = jax.random.key(self.cfg.seed) if key is None else key
         key, phi_key, *pop_keys = jax.random.split(key, 2 + len(self.tasks))
-        phi = self.opt.init_meta(phi_key)
+        phi = self.opt.init_meta(phi_key) if self.init_phi is None else self.init_phi
         pops = tuple(self.init_population(k, phi, s) for k, s in zip(pop_keys, self.tasks))
         return MetaState(phi, self.meta_tx.init(phi), pops, jnp.int32(0), key, jnp.int32(0))
 

@@ -104,7 +104,12 @@ def run(
         writer.write(rows)
     else:
         writer = run_dir.metrics_writer()
-    record = run_dir.write_config(cfg, preset=preset, devices=[str(d) for d in jax.devices()])
+    extra = {}
+    if cfg.init_from:
+        from optim4rl.optimizers import optimizer_source
+
+        extra["init_from"] = optimizer_source(f"{cfg.optimizer}:{cfg.init_from}")  # path + SHA-256
+    record = run_dir.write_config(cfg, preset=preset, devices=[str(d) for d in jax.devices()], **extra)
 
     chunk_fn = jax.jit(trainer.run_chunk, donate_argnums=0)
     evaluator = Evaluator(trainer) if cfg.eval_steps > 0 else None
@@ -215,6 +220,7 @@ def _provenance(record: dict, cfg: MetaConfig, iteration: int, preset: str | Non
         "seed": cfg.seed, "code_version": record.get("code_version"), "meta_iterations": iteration,
         "env_steps": iteration * cfg.env_steps_per_iteration(),
         "trained_on": [t.env for t in cfg.tasks], "pipeline": cfg.pipeline,
+        **({"init_from": record["init_from"]} if record.get("init_from") else {}),
     }
 
 
