@@ -99,3 +99,19 @@ def test_meta_train_starts_from_init_from(tmp_path):
         MetaTrainer(MetaConfig(init_from=str(path), optimizer_options={"hidden_size": 8}, **base))
     with pytest.raises(ParameterFileError, match="optim4rl"):
         MetaTrainer(MetaConfig(init_from=str(path), optimizer="l2l", **base))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["imitate", "--out", "x.txt"], ".o4r file"),
+    (["imitate", "--target", "adamx", "--out", "x.o4r"], "adamx"),
+    (["imitate", "--set", "horizon=0", "--out", "x.o4r"], "horizon"),
+    (["imitate", "--optimizer", "star:init", "--out", "x.o4r"], "reads the parameter values"),
+])
+def test_imitate_bad_input_gives_one_clear_line(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("optim4rl: error: ") and message in err[-1]
+    assert not list(tmp_path.iterdir())  # nothing written
