@@ -549,8 +549,9 @@ def cmd_imitate(args) -> int:
     for item in args.set or []:
         keys, value = config_lib.parse_override(item)
         config_lib.set_path(settings, keys, value)
+    options = settings.pop("optimizer_options", {})  # architecture fields, with NAME:init
     cfg = config_lib.from_dict(imitate_lib.ImitationConfig, settings, "imitate")
-    opt, phi, source_info = optimizers.learned_from_spec(args.optimizer)
+    opt, phi, source_info = optimizers.learned_from_spec(args.optimizer, **options)
     out = Path(args.out)
     if out.suffix != ".o4r":
         raise ConfigError(f"--out must name a .o4r file, got '{out}'")
@@ -593,7 +594,9 @@ def register_imitate(sub) -> None:
     p.add_argument("--steps", type=int, help="fitting steps (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="another ImitationConfig field: coordinates, horizon, learning_rate, floor, chunk")
+                   help="another ImitationConfig field (coordinates, horizon, learning_rate, floor, "
+                        "chunk), or an architecture field with NAME:init, e.g. "
+                        "optimizer_options.sign_flip=true")
     p.add_argument("--out", required=True, help="output parameter file (.o4r)")
     p.set_defaults(func=cmd_imitate)
 

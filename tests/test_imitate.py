@@ -115,3 +115,4 @@ def test_imitate_bad_input_gives_one_clear_line(args, message, capsys, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("optim4rl: error: ") and message in err[-1]
     assert not list(tmp_path.iterdir())  # nothing written
+
