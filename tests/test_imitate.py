@@ -116,3 +116,11 @@ def test_imitate_bad_input_gives_one_clear_line(args, message, capsys, tmp_path,
     assert err[-1].startswith("optim4rl: error: ") and message in err[-1]
     assert not list(tmp_path.iterdir())  # nothing written
 
+
+
+def test_diverging_fit_is_a_clear_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["imitate", "--steps", "2", "--set", "coordinates=32", "--set", "horizon=5",
+              "--set", "learning_rate=1e30", "--set", "floor=1e-30", "--out", str(tmp_path / "x.o4r")])
+    assert exit_info.value.code == 2
+    assert "non-finite loss" in capsys.readouterr().err

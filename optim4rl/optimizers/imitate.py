@@ -141,8 +141,8 @@ def imitate(opt: LearnedOptimizer, phi: MetaParams, cfg: ImitationConfig,
         carry, chunk_losses = run_chunk(carry, keys)
         chunk_losses = np.asarray(chunk_losses)
         if not np.isfinite(chunk_losses).all():
-            raise FloatingPointError(f"imitate: non-finite loss at step {done + 1}; "
-                                     "lower the learning rate")
+            raise ConfigError(f"imitate: non-finite loss at step {done + 1}; lower "
+                              "--set learning_rate=...")
         losses.append(float(chunk_losses.mean()))
         done += length
         if callback is not None:
