@@ -12,6 +12,11 @@ Experiments:
   c_gymnax          transfer beyond Brax: the grid6 optimizer with PPO on gymnax / MinAtar tasks.
   d_ablations       Optim4RL vs its ablations (raw gradient inputs; no pipeline training) on
                     big_dense_long, with the untrained Optim4RL as a floor.
+  e_catch           A2C on Catch: Optim4RL meta-trained on Catch vs Adam, RMSProp and the untrained
+                    φ, every optimizer at both step sizes (a task whose compare horizon, 156 updates,
+                    is about one pipeline lifetime, 128); e_catch_vs_init is the same runs with
+                    the untrained φ as the reference of the paired tests, e_catch_lr1e-3 the same
+                    runs at the learned optimizer's meta-training step size only.
 
 The report (`results.md`) is generated from the comparison directories, never typed by hand.
 """
@@ -39,6 +44,7 @@ class Experiment:
     seeds: int
     overrides: dict = field(default_factory=dict)
     claim: str = ""
+    reference: str = "adam"  # the paired tests and verdicts are against this entry's label
 
 
 def _learned(name: str, pretrained: str) -> str:
@@ -51,6 +57,7 @@ def experiments(budget: str) -> list[Experiment]:
         raise ConfigError(f"unknown budget {budget!r}; choose smoke, cpu or paper")
     o4r_bdl = _learned("optim4rl", "big_dense_long")
     o4r_grid6 = _learned("optim4rl", "grid6")
+    o4r_catch = _learned("optim4rl", "catch")
     baselines = tuple(_learned(n, f"{n}-big_dense_long") for n in ("l2l", "lin", "star"))
     if budget == "cpu":
         # An untrained baseline says little and costs a full run on a CPU: only shipped ones.
@@ -94,6 +101,23 @@ def experiments(budget: str) -> list[Experiment]:
         Experiment("d_ablations", "Ablations on big_dense_long (A2C)", "a2c", ("big_dense_long",),
                    (adam, o4r_bdl, *ablations, "optim4rl:init"), steps_grid, seeds,
                    claim="paper: gradient processing and pipeline training both matter"),
+        # Catch: the compare horizon (2e5 steps of 64 envs = 156 updates) is about one pipeline
+        # lifetime of catch-cpu (reset 32 x K 4 = 128 updates); on big_dense_long it is 5x longer and
+        # no optimizer learns within a lifetime (docs/DESIGN.md). Every optimizer gets both step
+        # sizes: the learned one was meta-trained at 1e-3.
+        *[Experiment(name, title, "a2c", ("catch",),
+                     tuple(f"{o}@{lrs}" for o in ("adam", "rmsprop", o4r_catch, "optim4rl:init")),
+                     None, 10, claim=claim, reference=ref)
+          for name, title, lrs, ref, claim in (
+              ("e_catch", "Meta-trained on Catch, tested on Catch (A2C)", "1e-3,3e-3", "adam",
+               "not a separate figure in the paper (Catch is one of its meta-training tasks): does pipeline "
+               "training give a better optimizer than its initialisation when the test horizon is about "
+               "one pipeline lifetime?"),
+              ("e_catch_vs_init", "The same Catch runs, paired against the untrained φ", "1e-3,3e-3",
+               "optim4rl:init", "meta-trained vs untrained: what pipeline training itself added"),
+              ("e_catch_lr1e-3", "The same Catch runs at α = 1e-3 only, the learned optimizer's "
+               "meta-training step size", "1e-3", "adam",
+               "every optimizer at one step size; the learned one was meta-trained at this α"))],
     ]
 
 
@@ -108,6 +132,7 @@ def run(budget: str, out: Path | str, callback: Callable[[dict], None] | None = 
     for exp in selected:
         spec = compare.CompareSpec(envs=exp.envs, optimizers=exp.optimizers, agent=exp.agent,
                                    seeds=exp.seeds, steps=exp.steps, agent_overrides=exp.overrides,
+                                   reference=exp.reference,
                                    scale="paper" if budget == "paper" else "cpu")
         if callback:
             callback({"event": "experiment", "name": exp.name, "title": exp.title})
@@ -130,7 +155,7 @@ def write_report(out: Path, budget: str, selected: list[Experiment]) -> Path:
         lines += ["Budgets: agents are trained far below the paper's budgets, and the shipped optimizers were "
                   "meta-trained on a CPU at 100-1000x smaller budgets than the paper's (their sizes and "
                   "evaluations are in `optim4rl/pretrained/README.md`). Read a tie as 'no difference detected "
-                  "with 5 seeds', not as equivalence.", ""]
+                  "with 5 seeds (10 on Catch)', not as equivalence.", ""]
     lines += ["Learned optimizers used: " + (", ".join(f"`{p}`" for p in shipped) if shipped else "none shipped")
               + ". An entry `NAME:init` means no meta-trained file was available and the untrained φ was used.", ""]
     verdicts: list[str] = []
@@ -149,14 +174,15 @@ def write_report(out: Path, budget: str, selected: list[Experiment]) -> Path:
         for task, info in data["tasks"].items():
             for row in info["rows"]:
                 if row["verdict"] in ("better", "worse", "tie") and not row["optimizer"].startswith(("adam", "rmsprop")):
-                    verdicts.append(f"- {exp.name} / {task}: `{row['optimizer']}` vs Adam: **{row['verdict']}** "
+                    against = "Adam" if exp.reference == "adam" else f"`{exp.reference}`"
+                    verdicts.append(f"- {exp.name} / {task}: `{row['optimizer']}` vs {against}: **{row['verdict']}** "
                                     f"(mean difference {row['diff']:.4g}, 90% CI [{row['diff_ci_low']:.4g}, "
                                     f"{row['diff_ci_high']:.4g}], paired t-test p = {row['pvalue']:.3g}, n = {row['n']})")
     if versions:
         lines[header_end:header_end] = ["Code versions of the runs read: " + ", ".join(f"`{v}`" for v in sorted(versions))
                       + (" (several: finished runs are reused when their config matches; a fresh `--out` "
                          "retrains them all with one version)." if len(versions) > 1 else "."), ""]
-    lines += ["## Where the learned optimizers win, tie and lose against Adam", "",
+    lines += ["## Where the learned optimizers win, tie and lose (against Adam unless named)", "",
               "Verdict at α = 0.05 (paired t-test on the same seeds, no multiple-comparison correction):", "",
               *verdicts, ""]
     if budget != "smoke":

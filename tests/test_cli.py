@@ -111,7 +111,7 @@ def test_reproduce_smoke(tmp_path, capsys):
     code, captured = run_cli(["reproduce", "--budget", "smoke", "--out", str(out), "--docs", str(docs)], capsys)
     assert code == 0
     report = (out / "results.md").read_text()
-    assert "Where the learned optimizers win, tie and lose against Adam" in report
+    assert "Where the learned optimizers win, tie and lose (against Adam unless named)" in report
     assert "## catch" in report and "## CartPole-v1" in report
     assert "Code versions of the runs read: `" in report
     for exp in ("a_big_dense_long", "c_gymnax"):
@@ -135,6 +135,27 @@ def test_reproduce_budgets_cover_the_papers_brax_tasks():
     assert cpu["b_brax"].envs == ("inverted_double_pendulum",)
     with pytest.raises(ConfigError, match="unknown budget"):
         reproduce.experiments("gpu")
+
+
+def test_reproduce_catch_experiments_and_a_non_adam_reference_in_the_report(tmp_path):
+    import json
+
+    from optim4rl import reproduce
+
+    cpu = {e.name: e for e in reproduce.experiments("cpu")}
+    assert cpu["e_catch"].envs == ("catch",) and cpu["e_catch"].reference == "adam"
+    assert cpu["e_catch_vs_init"].reference == "optim4rl:init"
+    assert cpu["e_catch_vs_init"].optimizers == cpu["e_catch"].optimizers  # the same runs, trained once
+    assert all(o.endswith("@1e-3") for o in cpu["e_catch_lr1e-3"].optimizers)
+    # The report names the reference of each verdict.
+    exp = cpu["e_catch_vs_init"]
+    (tmp_path / exp.name).mkdir()
+    row = {"optimizer": "optim4rl:catch", "verdict": "better", "diff": 0.5, "diff_ci_low": 0.25,
+           "diff_ci_high": 0.75, "pvalue": 0.01, "n": 10}
+    (tmp_path / exp.name / "summary.json").write_text(json.dumps({"tasks": {"catch": {"rows": [row]}}}))
+    (tmp_path / exp.name / "summary.md").write_text("# title\n\n| table |\n")
+    report = reproduce.write_report(tmp_path, "smoke", [exp]).read_text()
+    assert "`optim4rl:catch` vs `optim4rl:init`: **better** (mean difference 0.5" in report
 
 
 def test_default_step_sizes_follow_spec_per_task(tmp_path, monkeypatch):

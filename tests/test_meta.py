@@ -255,3 +255,25 @@ def test_unknown_meta_normalize_is_a_config_error():
 
     with pytest.raises(ConfigError, match="meta_normalize"):
         from_dict(MetaConfig, {"meta_normalize": "global", "tasks": [{"env": "catch"}]})
+
+
+@pytest.mark.parametrize("name", [n for n, _ in sorted(__import__("optim4rl.config").config.list_presets().items())])
+def test_every_meta_train_preset_builds_a_valid_config(name):
+    from optim4rl import config as config_lib
+
+    data = config_lib.load_preset(name)
+    if data.get("command") != "meta-train":
+        pytest.skip(f"{name} is not a meta-train preset")
+    cfg = meta_train.load_config(dict(data["meta"]))
+    assert cfg.iterations >= 1 and cfg.tasks
+
+
+def test_big_dense_long_64env_agents_live_as_long_as_a_compare_run():
+    # The preset's point: each agent trains as many env steps as `compare` gives big_dense_long
+    # (1e6, 64 envs), where Adam separates from the untrained φ (docs/DESIGN.md).
+    from optim4rl import config as config_lib
+
+    cfg = meta_train.load_config(dict(config_lib.load_preset("big_dense_long-64env")["meta"]))
+    lifetime = cfg.reset_interval * cfg.inner_updates * cfg.envs_per_agent * cfg.rollout_length
+    assert cfg.envs_per_agent == 64 and lifetime >= 1_000_000
+    assert cfg.iterations >= 2 * cfg.reset_interval  # the ages have spread before the last half
