@@ -13,7 +13,7 @@ Experiments:
   d_ablations       Optim4RL vs its ablations (raw gradient inputs; no pipeline training) on
                     big_dense_long, with the untrained Optim4RL as a floor.
   e_catch           A2C on Catch: Optim4RL meta-trained on Catch vs Adam, RMSProp and the untrained
-                    φ, every optimizer at both step sizes (a task whose compare horizon, 156 updates,
+                    φ, every optimizer at α = 1e-3, 3e-3, 1e-2 (a task whose compare horizon, 156 updates,
                     is about one pipeline lifetime, 128); e_catch_vs_init is the same runs with
                     the untrained φ as the reference of the paired tests, e_catch_lr1e-3 the same
                     runs at the learned optimizer's meta-training step size only.
@@ -103,17 +103,17 @@ def experiments(budget: str) -> list[Experiment]:
                    claim="paper: gradient processing and pipeline training both matter"),
         # Catch: the compare horizon (2e5 steps of 64 envs = 156 updates) is about one pipeline
         # lifetime of catch-cpu (reset 32 x K 4 = 128 updates); on big_dense_long it is 5x longer and
-        # no optimizer learns within a lifetime (docs/DESIGN.md). Every optimizer gets both step
+        # no optimizer learns within a lifetime (docs/DESIGN.md). Every optimizer gets three step
         # sizes: the learned one was meta-trained at 1e-3.
         *[Experiment(name, title, "a2c", ("catch",),
                      tuple(f"{o}@{lrs}" for o in ("adam", "rmsprop", o4r_catch, "optim4rl:init")),
                      None, 10, claim=claim, reference=ref)
           for name, title, lrs, ref, claim in (
-              ("e_catch", "Meta-trained on Catch, tested on Catch (A2C)", "1e-3,3e-3", "adam",
+              ("e_catch", "Meta-trained on Catch, tested on Catch (A2C)", "1e-3,3e-3,1e-2", "adam",
                "not a separate figure in the paper (Catch is one of its meta-training tasks): does pipeline "
                "training give a better optimizer than its initialisation when the test horizon is about "
                "one pipeline lifetime?"),
-              ("e_catch_vs_init", "The same Catch runs, paired against the untrained φ", "1e-3,3e-3",
+              ("e_catch_vs_init", "The same Catch runs, paired against the untrained φ", "1e-3,3e-3,1e-2",
                "optim4rl:init", "meta-trained vs untrained: what pipeline training itself added"),
               ("e_catch_lr1e-3", "The same Catch runs at α = 1e-3 only, the learned optimizer's "
                "meta-training step size", "1e-3", "adam",
