@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import shutil
 import sys
@@ -49,7 +50,7 @@ def ship(run_dir: Path, name: str, compare_dir: Path | None, scale: str | None, 
         "optimizer": opt.name,
         "architecture": dataclasses.asdict(opt),
         "produced_by": {
-            "commands": [config.get("command", "")],
+            "commands": [*_start_commands(info), config.get("command", "")],
             "provenance_in_file": info,
             "meta_training_summary": summary,
         },
@@ -63,6 +64,24 @@ def ship(run_dir: Path, name: str, compare_dir: Path | None, scale: str | None, 
         record["evaluation"] = _evaluation(compare_dir)
     (PRETRAINED_DIR / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return target
+
+
+def _start_commands(info: dict) -> list[str]:
+    """The commands that made the file a run started from (``init_from``), oldest first, so the
+    record names every step needed to remake the shipped file. The start file must still be where
+    the run read it, with the SHA-256 the run recorded."""
+    start = info.get("init_from")
+    if not start:
+        return []
+    path = Path(start["path"])
+    if not path.is_file():
+        sys.exit(f"ship_pretrained: error: the run started from {path} (init_from), which no longer exists; "
+                 "its command could not be recorded")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if start.get("sha256") and digest != start["sha256"]:
+        sys.exit(f"ship_pretrained: error: {path} changed since the run started from it (SHA-256 differs)")
+    _, _, start_info = load(path)
+    return [*_start_commands(start_info), start_info.get("command", f"(made elsewhere: {path})")]
 
 
 def reevaluate(name: str, compare_dir: Path) -> Path:

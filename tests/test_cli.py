@@ -158,6 +158,23 @@ def test_reproduce_catch_experiments_and_a_non_adam_reference_in_the_report(tmp_
     assert "`optim4rl:catch` vs `optim4rl:init`: **better** (mean difference 0.5" in report
 
 
+def test_reproduce_long_lifetime_experiment_matches_its_meta_training(monkeypatch):
+    from optim4rl import config as config_lib
+    from optim4rl import reproduce
+    from optim4rl.meta import train as meta_train
+
+    cpu = {e.name: e for e in reproduce.experiments("cpu")}
+    exp = cpu["f_big_dense_long_64env"]
+    meta = meta_train.load_config(dict(config_lib.load_preset("big_dense_long-64env")["meta"]))
+    # The test horizon is the meta-training agents' lifetime, with as many envs.
+    assert exp.overrides["num_envs"] == meta.envs_per_agent
+    assert exp.steps <= meta.envs_per_agent * meta.rollout_length * meta.reset_interval * meta.inner_updates
+    assert "optim4rl:big_dense_long-64env-actor@3e-3" in exp.optimizers and exp.seeds == 10
+    # Without such a shipped file the experiment is left out, not run with the untrained φ twice.
+    monkeypatch.setattr(reproduce, "list_pretrained", lambda: ["catch"])
+    assert "f_big_dense_long_64env" not in {e.name for e in reproduce.experiments("cpu")}
+
+
 def test_default_step_sizes_follow_spec_per_task(tmp_path, monkeypatch):
     from optim4rl import compare, training
 

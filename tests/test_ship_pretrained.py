@@ -66,3 +66,33 @@ def test_ship_a_run_without_config_json_reads_the_files_provenance(ship, tmp_pat
     assert record["note"] == "made on a GPU machine"
     assert record["scale"].startswith("big_dense_long: 512 agents per task, 585 meta-iterations")
     assert (ship.PRETRAINED_DIR / "bdl-gpu.o4r").is_file()
+
+
+def test_ship_records_the_command_of_the_file_the_run_started_from(ship, tmp_path):
+    import hashlib
+
+    import jax
+
+    from optim4rl import optimizers
+    from optim4rl.optimizers import Optim4RL
+
+    opt = Optim4RL()
+    phi = opt.init_meta(jax.random.key(0))
+    start = tmp_path / "imitation.o4r"
+    optimizers.save(start, opt, phi, info={"command": "optim4rl imitate --target rmsprop --out imitation.o4r"})
+    run = tmp_path / "run"
+    run.mkdir()
+    digest = hashlib.sha256(start.read_bytes()).hexdigest()
+    info = {"command": "optim4rl meta-train --preset big_dense_long-64env --set init_from=imitation.o4r",
+            "config": {"num_agents": 16, "tasks": [{"env": "big_dense_long"}]},
+            "init_from": {"path": str(start), "sha256": digest}}
+    optimizers.save(run / "optimizer.o4r", opt, phi, info=info)
+    (run / "summary.json").write_text(json.dumps({"iterations": 200, "env_steps": 20_480_000}))
+    ship.ship(run, "chained", None, None)
+    record = json.loads((ship.PRETRAINED_DIR / "chained.json").read_text())
+    assert record["produced_by"]["commands"] == [
+        "optim4rl imitate --target rmsprop --out imitation.o4r", info["command"]]
+    # A start file replaced since the run read it cannot vouch for the shipped file.
+    optimizers.save(start, opt, phi, info={"command": "something else"})
+    with pytest.raises(SystemExit, match="changed since the run started"):
+        ship.ship(run, "chained", None, None)
