@@ -7,7 +7,7 @@ For a population of fresh A2C agents trained with φ (from a `.o4r` file, a pret
 `init` for the untrained φ), it prints d(meta-loss)/d(log α) at several agent ages (in
 meta-iterations of K = 4 updates), split into the three terms of the A2C loss the meta-loss is
 made of: actor, 0.5·critic and −0.01·entropy. Each is the derivative, through the K inner updates
-exactly as in `optim4rl.meta.pipeline`, of the loss on the next fresh rollout with respect to the
+of `optim4rl.meta.pipeline.MetaTrainer.agent_meta_loss` itself, of the loss on the next fresh rollout with respect to the
 log of the agents' step size α; a positive value means that term of the meta-objective asks for
 smaller steps. Mean ± standard error over agents × repeats (fresh rollouts each).
 """
@@ -19,9 +19,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from optim4rl.agents import a2c
 from optim4rl.meta import MetaConfig, MetaTask, MetaTrainer
 
 
@@ -41,27 +39,12 @@ def main(argv=None):
     setup = trainer.tasks[0]
     state = trainer.init(jax.random.key(0))
     phi, pop = state.phi, state.populations[0]
-    cfg, acfg, net, env = trainer.cfg, setup.agent_config, setup.network, setup.env
+    cfg = trainer.cfg
 
     def terms(log_lr, agent, key):
-        tx = trainer.opt.transform(phi, learning_rate=jnp.exp(log_lr), grad_clip=cfg.grad_clip)
-        keys = jax.random.split(key, cfg.inner_updates + 1)
-
-        def inner(carry, k):
-            params, opt_state, env_state, obs = carry
-            frozen = jax.lax.stop_gradient(params)
-            env_state, next_obs, traj = a2c.rollout(k, net, frozen, env, env_state, obs, cfg.rollout_length)
-            grads = jax.grad(lambda q: a2c.a2c_loss(q, net, traj, next_obs, acfg)[0])(frozen)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, env_state, next_obs), None
-
-        carry = (agent.params, agent.opt_state, agent.env_state, agent.obs)
-        (params, _, env_state, obs), _ = jax.lax.scan(inner, carry, keys[:-1])
-        env_state, next_obs, traj = a2c.rollout(keys[-1], net, jax.lax.stop_gradient(params), env, env_state,
-                                                obs, cfg.rollout_length)
-        _, aux = a2c.a2c_loss(params, net, traj, next_obs, acfg)
-        return jnp.stack([aux["actor_loss"], acfg.value_coef * aux["value_loss"],
-                          -acfg.entropy_coef * aux["entropy"]])
+        # The pipeline's own inner loop and meta-loss, with the step size as a traced input.
+        _, (_, monitors) = trainer.agent_meta_loss(phi, agent, key, setup, learning_rate=jnp.exp(log_lr))
+        return jnp.stack([monitors["loss_actor"], monitors["loss_critic"], monitors["loss_entropy"]])
 
     n = len(setup.offsets)
     jac = jax.jit(lambda pop, key: jax.vmap(jax.jacobian(terms), in_axes=(None, 0, 0))(

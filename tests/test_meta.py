@@ -76,7 +76,7 @@ def _smooth_loss(linear: bool):
             total = total + jnp.sum(coeff * leaf)
             if not linear:
                 total = total + jnp.sum(jnp.tanh(leaf) ** 2)
-        return total, {"actor_loss": total}
+        return total, {"actor_loss": total, "value_loss": jnp.zeros(()), "entropy": jnp.zeros(())}
 
     return loss
 
@@ -130,6 +130,42 @@ def test_update_scale_metric_is_the_mean_step_over_the_step_size():
     from optim4rl.meta.pipeline import _mean_abs, _zero_fraction
     assert float(_mean_abs({"a": jnp.asarray([1.0, -3.0]), "b": jnp.asarray([[0.0, 4.0]])})) == 2.0
     assert float(_zero_fraction({"a": jnp.asarray([1.0, 0.0]), "b": jnp.asarray([[0.0, 0.0]])})) == 0.75
+
+
+def test_meta_loss_terms_are_logged_sum_to_the_loss_and_follow_the_step_size():
+    tr = MetaTrainer(tiny_config(optimizer="optim4rl"))
+    state = tr.init()
+    setup, agent = tr.tasks[0], jax.tree.map(lambda x: x[0], state.populations[0])
+    key = jax.random.key(5)
+    loss, (_, mon) = jax.jit(lambda a, k: tr.agent_meta_loss(state.phi, a, k, setup))(agent, key)
+    terms = {t: float(mon[f"loss_{t}"]) for t in ("actor", "critic", "entropy")}
+    assert float(loss) == pytest.approx(sum(terms.values()), rel=1e-5, abs=1e-6)
+    assert terms["critic"] >= 0.0 and terms["entropy"] <= 0.0  # 0.5·value loss, −0.01·entropy
+    # An explicit step size equal to the task's gives the same numbers; a traced one can be
+    # differentiated through the K inner updates (scripts/meta_loss_terms.py relies on it).
+    same, _ = tr.agent_meta_loss(state.phi, agent, key, setup, learning_rate=jnp.float32(1e-3))
+    assert float(same) == pytest.approx(float(loss), rel=1e-5)
+    d_critic = jax.grad(lambda log_lr: tr.agent_meta_loss(state.phi, agent, key, setup,
+                                                          learning_rate=jnp.exp(log_lr))[1][1]["loss_critic"])
+    assert np.isfinite(float(d_critic(jnp.log(1e-3))))
+    _, metrics = jax.jit(tr.meta_step)(state)
+    for t in ("actor", "critic", "entropy"):
+        assert np.isfinite(float(metrics[f"meta_loss_{t}/catch"]))
+
+
+def test_meta_loss_terms_script_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "meta_loss_terms.py"
+    spec = importlib.util.spec_from_file_location("meta_loss_terms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["init", "--env", "catch", "--envs", "2", "--lr", "1e-3", "--ages", "0,1",
+                 "--agents", "2", "--repeats", "1"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("# init on catch") and len(out) == 3
+    assert out[2].startswith("age    4 updates | actor ") and "0.5·critic" in out[2]
 
 
 def test_nan_agent_is_reset_and_phi_stays_finite(trainer):

@@ -108,8 +108,9 @@ class MetaTrainer:
         self.meta_tx = optax.chain(*meta_tx)
 
     # --- agents ---------------------------------------------------------------------------
-    def _tx(self, phi, setup: TaskSetup):
-        return self.opt.transform(phi, learning_rate=setup.task.learning_rate, grad_clip=self.cfg.grad_clip or None)
+    def _tx(self, phi, setup: TaskSetup, learning_rate=None):
+        lr = setup.task.learning_rate if learning_rate is None else learning_rate
+        return self.opt.transform(phi, learning_rate=lr, grad_clip=self.cfg.grad_clip or None)
 
     def init_agent(self, key, phi, setup: TaskSetup) -> AgentState:
         from optim4rl.agents import networks
@@ -152,12 +153,21 @@ class MetaTrainer:
         return pop, jnp.sum(~finite)
 
     # --- the meta-objective ---------------------------------------------------------------
-    def agent_meta_loss(self, phi, agent: AgentState, key, setup: TaskSetup):
-        """K inner updates with U_φ, then the meta-loss of the updated agent on a fresh rollout."""
+    def agent_meta_loss(self, phi, agent: AgentState, key, setup: TaskSetup, learning_rate=None):
+        """K inner updates with U_φ, then the meta-loss of the updated agent on a fresh rollout.
+
+        Returns ``(loss, (new_agent, monitors))``. ``monitors`` holds ``update_scale`` and
+        ``zero_grad_fraction`` (means over the K updates, no gradient) and the three weighted terms
+        of the A2C loss on the last rollout, ``loss_actor``, ``loss_critic`` (value_coef × value
+        loss) and ``loss_entropy`` (−entropy_coef × entropy), which keep their dependence on φ and
+        on ``learning_rate`` (default: the task's α; a traced value lets a caller differentiate
+        each term with respect to the step size, as scripts/meta_loss_terms.py does).
+        """
         from optim4rl.agents import a2c
 
         cfg, acfg, net, env = self.cfg, setup.agent_config, setup.network, setup.env
-        tx = self._tx(phi, setup)
+        tx = self._tx(phi, setup, learning_rate)
+        task_lr = setup.task.learning_rate if learning_rate is None else learning_rate
         keys = jax.random.split(key, cfg.inner_updates + 1)
 
         def inner_update(carry, k):
@@ -171,7 +181,7 @@ class MetaTrainer:
             last_return = _latest_return(traj, last_return)
             # Monitoring only: the mean step |Δθ|/α over all coordinates, zero-gradient ones
             # included (Adam-like optimizers give much less than 1 on noisy gradients).
-            scale = jax.lax.stop_gradient(_mean_abs(updates) / setup.task.learning_rate)
+            scale = jax.lax.stop_gradient(_mean_abs(updates) / task_lr)
             # ... and the fraction of coordinates whose gradient is exactly zero: a learned
             # optimizer whose steps are too large kills the agent's ReLU units, and its
             # update_scale then falls because the dead coordinates get no step at all.
@@ -192,8 +202,11 @@ class MetaTrainer:
             loss = aux["actor_loss"]
         last_return = _latest_return(traj, last_return)
         new_agent = AgentState(params, opt_state, env_state, next_obs, agent.age + 1, last_return)
-        # (update_scale, zero_grad_fraction), each averaged over the K inner updates.
-        return loss, (jax.lax.stop_gradient(new_agent), jax.tree.map(jnp.mean, monitors))
+        scale, zero = monitors
+        monitors = {"update_scale": jnp.mean(scale), "zero_grad_fraction": jnp.mean(zero),
+                    "loss_actor": aux["actor_loss"], "loss_critic": acfg.value_coef * aux["value_loss"],
+                    "loss_entropy": -acfg.entropy_coef * aux["entropy"]}
+        return loss, (jax.lax.stop_gradient(new_agent), monitors)
 
     def task_meta_gradient(self, phi, pop: AgentState, key, setup: TaskSetup):
         keys = jax.random.split(key, len(setup.offsets))
@@ -226,15 +239,18 @@ class MetaTrainer:
         for i, setup in enumerate(self.tasks):
             pop, nonfinite = self.reset_population(task_keys[2 * i], state.phi, state.populations[i], setup,
                                                    state.iteration)
-            grad, pop, loss, norm, (scale, zero) = self.task_meta_gradient(
+            grad, pop, loss, norm, monitors = self.task_meta_gradient(
                 state.phi, pop, task_keys[2 * i + 1], setup)
             grads.append(grad)
             pops.append(pop)
             name = setup.task.env
             metrics[f"meta_loss/{name}"] = loss
             metrics[f"meta_grad_norm/{name}"] = norm
-            metrics[f"update_scale/{name}"] = scale
-            metrics[f"zero_grad_fraction/{name}"] = zero
+            metrics[f"update_scale/{name}"] = monitors["update_scale"]
+            metrics[f"zero_grad_fraction/{name}"] = monitors["zero_grad_fraction"]
+            # The A2C loss's terms on the meta-loss rollout (whichever of them meta_loss uses).
+            for term in ("actor", "critic", "entropy"):
+                metrics[f"meta_loss_{term}/{name}"] = monitors[f"loss_{term}"]
             metrics[f"nonfinite_agents/{name}"] = nonfinite.astype(jnp.float32)
             metrics.update(_returns_by_age(pop, setup, cfg.age_bins, name))
         grad = jax.tree.map(lambda *g: jnp.mean(jnp.stack(g), axis=0), *grads)
