@@ -169,7 +169,8 @@ def test_reproduce_long_lifetime_experiment_matches_its_meta_training(monkeypatc
     # The test horizon is the meta-training agents' lifetime, with as many envs.
     assert exp.overrides["num_envs"] == meta.envs_per_agent
     assert exp.steps <= meta.envs_per_agent * meta.rollout_length * meta.reset_interval * meta.inner_updates
-    assert "optim4rl:big_dense_long-64env-actor@3e-3" in exp.optimizers and exp.seeds == 10
+    assert "optim4rl:big_dense_long-64env-actor@1e-3,3e-3,1e-2" in exp.optimizers and exp.seeds == 10
+    assert "adam@1e-3,3e-3,1e-2" in exp.optimizers  # both swept: "at the best step size" (issue #4)
     # Without such a shipped file the experiment is left out, not run with the untrained φ twice.
     monkeypatch.setattr(reproduce, "list_pretrained", lambda: ["catch"])
     assert "f_big_dense_long_64env" not in {e.name for e in reproduce.experiments("cpu")}
