@@ -173,7 +173,7 @@ def write_report(out: Path, budget: str, selected: list[Experiment]) -> Path:
         lines += ["Budgets: agents are trained far below the paper's budgets, and the shipped optimizers were "
                   "meta-trained on a CPU at 100-1000x smaller budgets than the paper's (their sizes and "
                   "evaluations are in `optim4rl/pretrained/README.md`). Read a tie as 'no difference detected "
-                  "with 5 seeds (10 on Catch)', not as equivalence.", ""]
+                  "with 5 seeds (10 on Catch and in f_big_dense_long_64env)', not as equivalence.", ""]
     lines += ["Learned optimizers used: " + (", ".join(f"`{p}`" for p in shipped) if shipped else "none shipped")
               + ". An entry `NAME:init` means no meta-trained file was available and the untrained φ was used.", ""]
     verdicts: list[str] = []
