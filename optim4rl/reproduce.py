@@ -49,6 +49,10 @@ class Experiment:
     overrides: dict = field(default_factory=dict)
     claim: str = ""
     reference: str = "adam"  # the paired tests and verdicts are against this entry's label
+    # Where its training runs live, under the output directory. A run directory is named by task,
+    # optimizer and step size only, so experiments that train the same optimizer on the same task
+    # with other seeds or settings need their own (else each overwrites the other's runs).
+    runs: str = "runs"
 
 
 def _learned(name: str, pretrained: str) -> str:
@@ -131,7 +135,7 @@ def experiments(budget: str) -> list[Experiment]:
                       "big_dense_long (A2C, 64 envs, 1e6 steps)", "a2c", ("big_dense_long",),
                       ("adam@1e-3,3e-3,1e-2", "rmsprop@3e-3", "optim4rl:init@3e-3,1e-2",
                        *(f"{o}@1e-3,3e-3,1e-2" for o in long_lifetime)),
-                      1_000_000, 10, {"num_envs": 64},
+                      1_000_000, 10, {"num_envs": 64}, runs="runs-f_big_dense_long_64env",
                       claim="not in the paper: the paper's big_dense_long agents live 576 updates of one env "
                       "and are tested as long; on a CPU only 64-env agents learn big_dense_long within 1e6 "
                       "steps, so these files were meta-trained with 64-env agents living that long")]
@@ -155,7 +159,7 @@ def run(budget: str, out: Path | str, callback: Callable[[dict], None] | None = 
         if callback:
             callback({"event": "experiment", "name": exp.name, "title": exp.title})
         # One runs/ directory for all experiments: a run two experiments share is trained once.
-        compare.run(spec, out / exp.name, callback=callback, runs_dir=out / "runs")
+        compare.run(spec, out / exp.name, callback=callback, runs_dir=out / exp.runs)
     return write_report(out, budget, selected)
 
 

@@ -171,6 +171,10 @@ def test_reproduce_long_lifetime_experiment_matches_its_meta_training(monkeypatc
     assert exp.steps <= meta.envs_per_agent * meta.rollout_length * meta.reset_interval * meta.inner_updates
     assert "optim4rl:big_dense_long-64env-actor@1e-3,3e-3,1e-2" in exp.optimizers and exp.seeds == 10
     assert "adam@1e-3,3e-3,1e-2" in exp.optimizers  # both swept: "at the best step size" (issue #4)
+    # Same task and optimizers as a_big_dense_long with other seeds: its runs must not share a directory.
+    shared = {(e.runs, env, o.split("@")[0]) for e in cpu.values() if e.name != exp.name
+              for env in e.envs for o in e.optimizers}
+    assert not any((exp.runs, env, o.split("@")[0]) in shared for env in exp.envs for o in exp.optimizers)
     # Without such a shipped file the experiment is left out, not run with the untrained φ twice.
     monkeypatch.setattr(reproduce, "list_pretrained", lambda: ["catch"])
     assert "f_big_dense_long_64env" not in {e.name for e in reproduce.experiments("cpu")}
