@@ -130,12 +130,14 @@ def _evaluation_text(evaluation: dict | None) -> str:
     if not evaluation:
         return "not evaluated over seeds yet"
     tasks = evaluation.get("tasks") or {evaluation.get("task", "task"): {"rows": evaluation.get("rows", [])}}
+    reference = (evaluation.get("compare_config") or {}).get("reference", "adam")
+    against = "Adam" if reference == "adam" else reference
     parts = []
     for task, info in tasks.items():
         if not info["rows"]:
             continue
         cells = [f"{_short(r['optimizer'])} {r['mean']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-                 + (f" ({r['verdict']} vs Adam, p={r['pvalue']:.2g})" if r.get("pvalue") is not None else "")
+                 + (f" ({r['verdict']} vs {against}, p={r['pvalue']:.2g})" if r.get("pvalue") is not None else "")
                  for r in info["rows"]]
         parts.append(f"{task}, n={info['rows'][0]['n']}: " + "; ".join(cells))
     return "<br>".join(parts)
