@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shutil
 import sys
 from pathlib import Path
 
 from optim4rl.optimizers import load
+from optim4rl.optimizers.make import optimizer_source
 from optim4rl.optimizers.registry import PRETRAINED_DIR
 
 TABLE_START, TABLE_END = "<!-- table:start -->", "<!-- table:end -->"
@@ -77,7 +77,7 @@ def _start_commands(info: dict) -> list[str]:
     if not path.is_file():
         sys.exit(f"ship_pretrained: error: the run started from {path} (init_from), which no longer exists; "
                  "its command could not be recorded")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = optimizer_source(f"optim4rl:{path}")["sha256"]  # as the run recorded it
     if start.get("sha256") and digest != start["sha256"]:
         sys.exit(f"ship_pretrained: error: {path} changed since the run started from it (SHA-256 differs)")
     _, _, start_info = load(path)

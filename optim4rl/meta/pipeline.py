@@ -166,8 +166,8 @@ class MetaTrainer:
         from optim4rl.agents import a2c
 
         cfg, acfg, net, env = self.cfg, setup.agent_config, setup.network, setup.env
-        tx = self._tx(phi, setup, learning_rate)
         task_lr = setup.task.learning_rate if learning_rate is None else learning_rate
+        tx = self._tx(phi, setup, task_lr)
         keys = jax.random.split(key, cfg.inner_updates + 1)
 
         def inner_update(carry, k):
