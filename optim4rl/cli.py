@@ -1,12 +1,17 @@
 """The `optim4rl` command: train, meta-train, compare, gradients, reproduce, inspect, imitate, list.
 
 This is the only module that parses arguments or prints. Library errors that describe bad input
-(`optim4rl.errors.Optim4RLError`, a ValueError) become one line `optim4rl: error: ...`, exit 2.
+(`optim4rl.errors.Optim4RLError`, a ValueError) become one line `optim4rl: error: ...`, exit 2,
+and every command validates its names, numbers and output paths before it prints a header,
+starts a progress bar or creates a directory.
+
+Environment: ``OPTIM4RL_NO_PROGRESS=1`` turns the progress bars off (as in CI).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -14,6 +19,53 @@ from pathlib import Path
 from typing import Any
 
 from optim4rl.errors import ConfigError, Optim4RLError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line `optim4rl: error: ...` (exit 2), like the library's errors."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"optim4rl: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default where it has one (not for flags or unset options)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" not in text and default not in (None, False, argparse.SUPPRESS)
+                and not isinstance(default, bool) and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _number(kind: type, low: float | None = None, low_inclusive: bool = True, what: str = ""):
+    """An argparse type: a finite number of `kind`, at least (or above) `low`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what or kind.__name__}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if low is not None and (value < low or (value == low and not low_inclusive)):
+            bound = f"{'at least' if low_inclusive else 'above'} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text!r}")
+        if kind is int and abs(value) > 2**40:
+            raise argparse.ArgumentTypeError(f"is too large: {text!r}")
+        return value
+
+    parse.__name__ = what or kind.__name__
+    return parse
+
+
+positive_float = _number(float, 0.0, low_inclusive=False, what="a positive number")
+nonneg_float = _number(float, 0.0, what="a number >= 0")
+positive_int = _number(int, 1, what="a positive integer")
+nonneg_int = _number(int, 0, what="an integer >= 0")
+seed_int = _number(int, 0, what="a seed (integer >= 0)")
 
 
 class Progress:
@@ -50,12 +102,25 @@ class Progress:
 
 
 def _out_dir(args, default_name: str) -> Path:
-    if args.out:
+    if args.out is not None:
+        if not args.out.strip():
+            raise ConfigError("--out must name a directory, got ''")
         return Path(args.out)
     return Path("runs") / default_name
 
 
+def _clip(value: float | None) -> float | None:
+    """--grad-clip: 0 turns clipping off."""
+    return None if value is None or value == 0 else value
+
+
+_PRESET_SECTIONS = {"train": ("train", "agent"), "meta-train": ("meta",), "compare": ("compare", "agent")}
+_PRESET_KEYS = ("description", "command", "scale", "_path")
+
+
 def _load_preset_section(name: str | None, section: str, command: str) -> dict:
+    """The preset `name` for `command`; unknown sections or top-level keys are errors (a typo
+    such as [metaa] must not silently run with the defaults)."""
     from optim4rl import config as config_lib
 
     if not name:
@@ -63,14 +128,48 @@ def _load_preset_section(name: str | None, section: str, command: str) -> dict:
     data = config_lib.load_preset(name)
     if data.get("command", command) != command:
         raise ConfigError(f"preset {name!r} is for `optim4rl {data['command']}`, not `{command}`")
+    allowed = _PRESET_SECTIONS[command]
+    for key, value in data.items():
+        if key in _PRESET_KEYS:
+            continue
+        if key not in allowed:
+            what = f"section [{key}]" if isinstance(value, dict) else f"key {key!r}"
+            raise ConfigError(f"preset {data['_path']}: unknown {what}; a {command} preset has "
+                              f"{', '.join(_PRESET_KEYS[:3])} and [{'], ['.join(allowed)}]")
+        if not isinstance(value, dict):
+            raise ConfigError(f"preset {data['_path']}: [{key}] must be a table")
+    if data.get("scale", "cpu") not in ("cpu", "paper"):
+        raise ConfigError(f"preset {data['_path']}: scale must be 'cpu' or 'paper', got {data['scale']!r}")
     return data
 
 
 # --- train -----------------------------------------------------------------------------------
 
+def _flat_overrides(items: list[str] | None, section: str, preset: dict) -> dict:
+    """--set KEY=VALUE (or SECTION.KEY=VALUE) items over the preset's table of agent settings."""
+    from optim4rl import config as config_lib
+
+    overrides = dict(preset.get(section, {}))
+    for item in items or []:
+        keys, value = config_lib.parse_override(item)
+        if keys[0] == section:
+            keys = keys[1:]
+        if len(keys) != 1:
+            raise ConfigError(f"--set {item!r}: {section} settings are flat ({section}.KEY=VALUE)")
+        overrides[keys[0]] = value
+    return overrides
+
+
+def _refuse_conflict(flag: str, key: str, flag_value: Any, sets: dict) -> None:
+    """One documented rule for every command: a flag and a --set of the same field conflict."""
+    if flag_value is not None and key in sets:
+        raise ConfigError(f"both {flag} and --set {key}= were given; use one of them")
+
+
 def cmd_train(args) -> int:
     from optim4rl import config as config_lib
     from optim4rl import training
+    from optim4rl.runs import claim_run_dir
 
     preset = _load_preset_section(args.preset, "train", "train")
     spec_data = dict(preset.get("train", {}))
@@ -81,39 +180,78 @@ def cmd_train(args) -> int:
     if args.lr is not None:
         spec_data["learning_rate"] = args.lr
     if args.grad_clip is not None:
-        spec_data["grad_clip"] = None if args.grad_clip <= 0 else args.grad_clip
+        spec_data["grad_clip"] = _clip(args.grad_clip)
     if "learning_rate" not in spec_data:
         defaults = training.TrainSpec()
         spec_data["learning_rate"] = training.default_learning_rate(
             spec_data.get("agent", defaults.agent), spec_data.get("env", defaults.env))
     spec = config_lib.from_dict(training.TrainSpec, spec_data, "train")
-    overrides = dict(preset.get("agent", {}))
-    for item in args.set or []:
-        keys, value = config_lib.parse_override(item)
-        if keys[0] == "agent":
-            keys = keys[1:]
-        if len(keys) != 1:
-            raise ConfigError(f"--set {item!r}: agent settings are flat (agent.KEY=VALUE)")
-        overrides[keys[0]] = value
+    cli_sets = _flat_overrides(args.set, "agent", {})
+    _refuse_conflict("--steps", "total_steps", args.steps, cli_sets)
+    overrides = {**preset.get("agent", {}), **cli_sets}
     if args.steps is not None:
         overrides["total_steps"] = args.steps
     agent_config = training.resolve_agent_config(spec, overrides, scale=preset.get("scale", "cpu"))
     out = _out_dir(args, f"train-{spec.agent}-{spec.env}-{spec.optimizer.replace(':', '_').replace('/', '_')}")
+    # Everything that can be wrong is found here, before a header, a bar or a directory.
+    prepared = training.prepare(spec, agent_config)
+    training.check_memory(prepared)
+    mode = claim_run_dir(out, training.run_config(spec, agent_config), resume=args.resume,
+                         overwrite=args.overwrite)
+    if mode == "finished":
+        print(f"optim4rl train: {out} already holds this run, finished, with the same config; "
+              "nothing to do (--overwrite runs it again)", file=sys.stderr)
+        _print_train_summary(json.loads((out / "summary.json").read_text()), out)
+        return 0
+    steps = training.actual_steps(prepared)
+    asked = agent_config.total_steps
+    rounding = (f" ({asked:,} rounded up to whole updates of {prepared.train.steps_per_update:,} steps)"
+                if steps != asked else "")
     print(f"optim4rl train: {spec.agent} on {spec.env} with {spec.optimizer} (lr {spec.learning_rate:g}), "
-          f"{spec.seeds} seed(s), {agent_config.total_steps:,} env steps each -> {out}", file=sys.stderr)
+          f"{spec.seeds} seed(s), {steps:,} env steps each{rounding} -> {out}"
+          f"{' (resuming)' if mode == 'resume' else ''}", file=sys.stderr)
     bar = Progress(f"{spec.agent}/{spec.env}")
     try:
-        summary = training.run(spec, agent_config, out, callback=bar, resume=args.resume)
+        summary = training.run(spec, agent_config, out, callback=bar, resume=mode == "resume",
+                               prepared=prepared)
     finally:
         bar.close()
-    scores = ", ".join(f"{s:.3f}" for s in summary["score_per_seed"])
-    print(f"score (mean of last 10% of returns) per seed: {scores}")
-    print(f"mean score {summary['score_mean']:.3f}; {summary['steps_per_s']:,.0f} env steps/s; "
-          f"wall {summary['wall_time_s']:.1f}s; results in {out}")
-    return 0
+    _print_train_summary(summary, out)
+    return 1 if summary.get("diverged_seeds") else 0
+
+
+def _print_train_summary(summary: dict, out: Path) -> None:
+    def fmt(score):
+        return "diverged" if score is None or not math.isfinite(score) else f"{score:.3f}"
+
+    scores = ", ".join(fmt(s) for s in summary["score_per_seed"])
+    print(f"score (mean of last {summary.get('score_fraction', 0.1):.0%} of logged returns) per seed: {scores}")
+    diverged = summary.get("diverged_seeds") or []
+    if diverged:
+        firsts = ", ".join(f"seed {d['seed']} at update {d['first_nonfinite_update']}" for d in diverged)
+        print(f"optim4rl: warning: {len(diverged)} of {len(summary['score_per_seed'])} seed(s) diverged "
+              f"(non-finite loss or parameters: {firsts}); their scores are invalid", file=sys.stderr)
+    mean = summary.get("score_mean")
+    compile_s = summary.get("compile_time_s") or 0.0
+    print(f"mean score {fmt(mean)}{' (valid seeds only)' if diverged and mean is not None else ''}; "
+          f"{summary['steps_per_s']:,.0f} env steps/s after compilation "
+          f"(wall {summary['wall_time_s']:.1f}s, of which {compile_s:.1f}s compiling); results in {out}")
 
 
 # --- list ------------------------------------------------------------------------------------
+
+def _config_keys(cls) -> list[str]:
+    import dataclasses
+
+    lines = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "")
+        lines.append(f"  {f.name:<26} {default!r}")
+    return lines
+
 
 def cmd_list(args) -> int:
     from optim4rl import config as config_lib
@@ -123,50 +261,91 @@ def cmd_list(args) -> int:
     if what in (None, "envs"):
         print("envs:")
         for name in envs.list_envs():
-            print(f"  {name}")
+            print(f"  {name:<28} {envs.env_family(name)}")
     if what in (None, "optimizers"):
-        print("optimizers (hand-designed: any optax optimizer name; learned: NAME:FILE, NAME:PRETRAINED, NAME:init):")
+        print("optimizers (hand-designed: any optax optimizer name; learned: NAME:init, NAME:FILE.o4r, "
+              "or a pretrained spec below):")
         for name in optimizers.list_optimizers():
-            print(f"  {name}")
+            note = ""
+            if name in optimizers.registry.OPTIONAL_LEARNED:
+                note = "  (needs a user-supplied weights file; not supported in this version)"
+            elif name in optimizers.registry.LEARNED:
+                note = "  (learned: use NAME:init, NAME:FILE.o4r or a pretrained spec)"
+            print(f"  {name}{note}")
     if what in (None, "presets"):
-        print("presets:")
+        print("presets (meta-train --preset NAME, or a path to a TOML file):")
         for name, desc in config_lib.list_presets().items():
             print(f"  {name:<28} {desc}")
     if what in (None, "pretrained"):
-        print("pretrained optimizers (use as optim4rl:NAME):")
-        pretrained = optimizers.list_pretrained()
+        print("pretrained optimizers (pass the spec as --optimizer):")
+        pretrained = optimizers.registry.describe_pretrained()
         if not pretrained:
             print("  (none shipped yet)")
-        for name in pretrained:
-            print(f"  {name}")
+        for spec, desc in pretrained.items():
+            print(f"  {spec:<38} {desc}")
+    if what == "keys":
+        from optim4rl.agents.a2c import A2CConfig
+        from optim4rl.agents.ppo import PPOConfig
+        from optim4rl.meta.config import MetaConfig, MetaTask
+
+        for title, cls in (("train/compare --set KEY=VALUE, A2C agents", A2CConfig),
+                           ("train/compare --set KEY=VALUE, PPO agents", PPOConfig),
+                           ("meta-train --set KEY=VALUE", MetaConfig),
+                           ("meta-train preset [[meta.tasks]] entries", MetaTask)):
+            print(f"{title} (key, default):")
+            print("\n".join(_config_keys(cls)))
+        print("meta-train --set optimizer_options.KEY=VALUE: the architecture's fields, e.g. "
+              "inputs, hidden_size, head_sizes (see docs/DESIGN.md)")
     return 0
 
 
 # --- parser ----------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="optim4rl", description="Learned optimizers for reinforcement learning (Optim4RL).")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_parser(sub, name: str, help: str, description: str | None = None):
+    return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+                          formatter_class=HelpFormatter)
 
-    p = sub.add_parser("train", help="train an agent with any optimizer, over several seeds")
-    p.add_argument("--env", help="environment name (see `optim4rl list envs`)")
-    p.add_argument("--agent", choices=["a2c", "ppo"])
-    p.add_argument("--optimizer", help="adam, rmsprop, sgd, ... or optim4rl:FILE|PRETRAINED")
-    p.add_argument("--lr", type=float, help="learning rate (step size); default A2C 3e-3, PPO the task's "
-                                            "SPEC §4 step size (3e-4; walker2d 3e-5)")
-    p.add_argument("--grad-clip", type=float, help="elementwise gradient clip (0 = off; default 1)")
-    p.add_argument("--steps", type=int, help="environment steps per seed")
-    p.add_argument("--seeds", type=int, help="number of seeds, trained in parallel")
-    p.add_argument("--seed", type=int, help="first seed")
-    p.add_argument("--preset", help="preset name in configs/ or path to a TOML file")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an agent setting")
-    p.add_argument("--out", help="run directory (default runs/train-...)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+
+def _run_dir_flags(p, what: str = "run") -> None:
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the {what} in --out from its checkpoint (its config must match)")
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace a {what} already in --out (without it, a finished run of the same "
+                        "config is reported and a different one refused)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="optim4rl", formatter_class=HelpFormatter,
+        description="Learned optimizers for reinforcement learning (Optim4RL, arXiv 2302.01470).",
+        epilog="Set OPTIM4RL_NO_PROGRESS=1 to turn the progress bars off.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _add_parser(sub, "train", "train an agent with any optimizer, over several seeds in parallel")
+    p.add_argument("--env", help="environment name (see `optim4rl list envs`; default catch)")
+    p.add_argument("--agent", choices=["a2c", "ppo"], help="RL algorithm (default a2c)")
+    p.add_argument("--optimizer", help="adam, rmsprop, sgd, ... (any optax optimizer) or "
+                                       "optim4rl:FILE.o4r / a pretrained spec (default adam)")
+    p.add_argument("--lr", type=positive_float,
+                   help="learning rate (step size); default: A2C 3e-3, PPO the task's step size in the "
+                        "paper's Brax settings (3e-4; walker2d 3e-5)")
+    p.add_argument("--grad-clip", type=nonneg_float, help="elementwise gradient clip (0 = off; default 1)")
+    p.add_argument("--steps", type=positive_int,
+                   help="environment steps per seed, rounded up to whole updates (default: the task's "
+                        "CPU budget)")
+    p.add_argument("--seeds", type=positive_int, help="number of seeds, trained in parallel (default 1)")
+    p.add_argument("--seed", type=seed_int, help="first seed (default 0)")
+    p.add_argument("--preset", help="a train preset name or a path to a TOML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an agent setting (`optim4rl list keys`); a flag and a --set of the "
+                        "same setting conflict")
+    p.add_argument("--out", help="run directory (default runs/train-AGENT-ENV-OPTIMIZER)")
+    _run_dir_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("list", help="list envs, optimizers, presets and pretrained optimizers")
-    p.add_argument("what", nargs="?", choices=["envs", "optimizers", "presets", "pretrained"])
+    p = _add_parser(sub, "list", "list envs, optimizers, presets, pretrained optimizers or --set keys")
+    p.add_argument("what", nargs="?", choices=["envs", "optimizers", "presets", "pretrained", "keys"],
+                   help="what to list (default: all but keys)")
     p.set_defaults(func=cmd_list)
 
     for register in _EXTRA_COMMANDS:
@@ -191,9 +370,24 @@ def _positive_seconds(text: str) -> float:
 def cmd_meta_train(args) -> int:
     from optim4rl import config as config_lib
     from optim4rl.meta import train as meta_train
+    from optim4rl.meta.pipeline import MetaTrainer
+    from optim4rl.runs import claim_run_dir
 
     preset = _load_preset_section(args.preset, "meta", "meta-train")
     data = dict(preset.get("meta", {}))
+    sets: dict = {}
+    for item in args.set or []:
+        keys, value = config_lib.parse_override(item)
+        if keys[0] == "meta":
+            keys = keys[1:]
+        config_lib.set_path(sets, keys, value)
+    # A flag and a --set of the same field conflict (one rule for every command).
+    _refuse_conflict("--optimizer", "optimizer", args.optimizer, sets)
+    _refuse_conflict("--no-pipeline", "pipeline", True if args.no_pipeline else None, sets)
+    for key, flag in (("iterations", "--iterations"), ("seed", "--seed"), ("num_agents", "--num-agents")):
+        _refuse_conflict(flag, key, getattr(args, key), sets)
+    if args.inputs and "inputs" in sets.get("optimizer_options", {}):
+        raise ConfigError("both --inputs and --set optimizer_options.inputs= were given; use one of them")
     if args.optimizer:
         data["optimizer"] = args.optimizer
     if args.inputs:
@@ -204,22 +398,32 @@ def cmd_meta_train(args) -> int:
         value = getattr(args, key)
         if value is not None:
             data[key] = value
-    for item in args.set or []:
-        keys, value = config_lib.parse_override(item)
-        if keys[0] == "meta":
-            keys = keys[1:]
-        config_lib.set_path(data, keys, value)
+    for key, value in sets.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
     cfg = meta_train.load_config(data)
     name = args.preset or "custom"
     out = _out_dir(args, f"meta-{cfg.optimizer}-{Path(name).stem}")
+    trainer = MetaTrainer(cfg)  # unknown envs, architectures or init_from files fail here
+    mode = claim_run_dir(out, cfg, resume=args.resume, overwrite=args.overwrite,
+                         extendable={"iterations": "--iterations"})
+    if mode == "finished":
+        summary = json.loads((out / "summary.json").read_text())
+        print(f"optim4rl meta-train: {out} already holds this run, finished, with the same config; "
+              f"nothing to do (--overwrite runs it again)", file=sys.stderr)
+        print(f"optimizer saved to {summary.get('optimizer_file')}")
+        return 0
     tasks = ", ".join(t.env for t in cfg.tasks)
     print(f"optim4rl meta-train: {cfg.optimizer} on [{tasks}], {cfg.num_agents} agents/task, "
           f"{cfg.iterations} meta-iterations ({cfg.iterations * cfg.env_steps_per_iteration():,} env steps), "
-          f"pipeline={'on' if cfg.pipeline else 'off'} -> {out}", file=sys.stderr)
+          f"pipeline={'on' if cfg.pipeline else 'off'} -> {out}{' (resuming)' if mode == 'resume' else ''}",
+          file=sys.stderr)
     bar = Progress(f"meta-train {Path(name).stem}")
     try:
-        summary = meta_train.run(cfg, out, callback=bar, resume=args.resume, preset=args.preset,
-                                 time_limit_s=args.time_limit)
+        summary = meta_train.run(cfg, out, callback=bar, resume=mode == "resume", preset=args.preset,
+                                 time_limit_s=args.time_limit, trainer=trainer)
     finally:
         bar.close()
     if "stopped_at_iteration" in summary:
@@ -234,17 +438,30 @@ def cmd_meta_train(args) -> int:
 
 
 def register_meta_train(sub) -> None:
-    p = sub.add_parser("meta-train", help="meta-train a learned optimizer with pipeline training")
-    p.add_argument("--preset", help="catch, big_dense_long, grid6 (+ -cpu variants) or a TOML path")
-    p.add_argument("--optimizer", choices=["optim4rl", "l2l", "lin", "star"], help="architecture to meta-train")
-    p.add_argument("--inputs", choices=["sign_log", "raw"], help="Optim4RL gradient inputs (raw = ablation)")
+    from optim4rl import config as config_lib
+
+    presets = ", ".join(name for name, _ in config_lib.list_presets().items()
+                        if config_lib.load_preset(name).get("command") == "meta-train")
+    p = _add_parser(sub, "meta-train", "meta-train a learned optimizer with pipeline training",
+                    "Pipeline meta-training (the paper's Section 4): a population of A2C agents with "
+                    "staggered resets shares the learned optimizer's meta-parameters; the result is "
+                    "OUT/optimizer.o4r.")
+    p.add_argument("--preset", help=f"one of: {presets}; or a path to a TOML file "
+                                    "(`optim4rl list presets`)")
+    p.add_argument("--optimizer", choices=["optim4rl", "l2l", "lin", "star"],
+                   help="architecture to meta-train (default: the preset's, else optim4rl)")
+    p.add_argument("--inputs", choices=["sign_log", "raw"],
+                   help="Optim4RL gradient inputs (raw = the no-gradient-processing ablation)")
     p.add_argument("--no-pipeline", action="store_true", help="ablation: agents are never reset")
-    p.add_argument("--iterations", type=int, help="meta-iterations")
-    p.add_argument("--num-agents", dest="num_agents", type=int, help="agents per task")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a meta setting")
-    p.add_argument("--out", help="run directory (default runs/meta-...)")
-    p.add_argument("--resume", action="store_true", help="continue a killed run from its checkpoint")
+    p.add_argument("--iterations", type=positive_int,
+                   help="meta-iterations (with --resume: may extend a run, recorded in config.json)")
+    p.add_argument("--num-agents", dest="num_agents", type=positive_int, help="agents per task")
+    p.add_argument("--seed", type=seed_int, help="seed of the run (default 0)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a meta setting (`optim4rl list keys`), e.g. meta_learning_rate=3e-4, "
+                        "optimizer_options.inputs=raw, init_from=FILE.o4r")
+    p.add_argument("--out", help="run directory (default runs/meta-OPTIMIZER-PRESET)")
+    _run_dir_flags(p)
     p.add_argument("--time-limit", dest="time_limit", type=_positive_seconds, metavar="SECONDS",
                    help="stop cleanly (checkpoint + optimizer_latest.o4r) at the first chunk past this "
                         "wall-clock time; --resume continues")
@@ -272,11 +489,10 @@ def cmd_compare(args) -> int:
     if args.lrs:
         data["learning_rates"] = args.lrs
     if args.grad_clip is not None:
-        data["grad_clip"] = None if args.grad_clip <= 0 else args.grad_clip
-    overrides = dict(data.pop("agent_overrides", {}) or preset.get("agent", {}))
-    for item in args.set or []:
-        keys, value = config_lib.parse_override(item)
-        overrides[keys[-1]] = value
+        data["grad_clip"] = _clip(args.grad_clip)
+    cli_sets = _flat_overrides(args.set, "agent", {})
+    _refuse_conflict("--steps", "total_steps", args.steps, cli_sets)
+    overrides = {**(data.pop("agent_overrides", {}) or preset.get("agent", {})), **cli_sets}
     data["agent_overrides"] = overrides
     data.setdefault("scale", preset.get("scale", "cpu"))
     for required in ("envs", "optimizers"):
@@ -284,6 +500,10 @@ def cmd_compare(args) -> int:
             raise ConfigError(f"compare needs --{'env' if required == 'envs' else required}")
     spec = config_lib.from_dict(compare.CompareSpec, data, "compare")
     out = _out_dir(args, f"compare-{spec.agent}-{'-'.join(spec.envs)}")
+    if spec.seeds < 5:
+        print(f"optim4rl: warning: {spec.seeds} seeds per optimizer: the confidence intervals are wide "
+              "and the paired tests can hardly reach significance (use --seeds 5 or more, the paper "
+              "uses 10)", file=sys.stderr)
 
     def report(event):
         state = "done before, skipped" if event["skipped"] else "training"
@@ -297,20 +517,26 @@ def cmd_compare(args) -> int:
 
 
 def register_compare(sub) -> None:
-    p = sub.add_parser("compare", help="compare optimizers over many seeds, with statistics and plots")
+    p = _add_parser(sub, "compare", "compare optimizers over many seeds, with statistics and plots",
+                    "Trains every optimizer (and each of its step sizes) on every task over the same "
+                    "seeds, selects each optimizer's best step size by mean score, and writes bootstrap "
+                    "confidence intervals, paired tests against the reference, plots and summary.md.")
     p.add_argument("--env", nargs="+", help="one or more environments (several: also an aggregate)")
     p.add_argument("--optimizers", nargs="+", help="e.g. adam rmsprop optim4rl:grid6 (NAME@LR,LR to sweep)")
-    p.add_argument("--agent", choices=["a2c", "ppo"])
-    p.add_argument("--lrs", nargs="+", type=float, help="step sizes swept for every optimizer without its own @LR (default: the task's own, "
-                        "A2C 3e-3, PPO SPEC §4's table: 3e-4, walker2d 3e-5)")
-    p.add_argument("--seeds", type=int, help="seeds per optimizer (default 10)")
-    p.add_argument("--seed", type=int, help="first seed")
-    p.add_argument("--steps", type=int, help="environment steps per seed")
+    p.add_argument("--agent", choices=["a2c", "ppo"], help="RL algorithm (default a2c)")
+    p.add_argument("--lrs", nargs="+", type=positive_float,
+                   help="step sizes swept for every optimizer without its own @LR (default: the task's "
+                        "own, A2C 3e-3, PPO the paper's Brax step size: 3e-4, walker2d 3e-5)")
+    p.add_argument("--seeds", type=positive_int, help="seeds per optimizer (default 10)")
+    p.add_argument("--seed", type=seed_int, help="first seed (default 0)")
+    p.add_argument("--steps", type=positive_int, help="environment steps per seed")
     p.add_argument("--reference", help="optimizer the others are tested against (default adam)")
-    p.add_argument("--grad-clip", type=float, help="elementwise gradient clip (0 = off; default 1)")
+    p.add_argument("--grad-clip", type=nonneg_float, help="elementwise gradient clip (0 = off; default 1)")
     p.add_argument("--preset", help="a compare preset name or TOML path")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an agent setting")
-    p.add_argument("--out", help="comparison directory (re-running it skips finished runs)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override an agent setting (`optim4rl list keys`)")
+    p.add_argument("--out", help="comparison directory (default runs/compare-AGENT-ENVS; re-running it "
+                                 "reuses finished runs and resumes killed ones)")
     p.set_defaults(func=cmd_compare)
 
 
@@ -406,7 +632,7 @@ def cmd_gradients(args) -> int:
 
 def register_gradients(sub) -> None:
     p = sub.add_parser(
-        "gradients", help="record agent-gradients while training and analyse their distribution",
+        "gradients", formatter_class=HelpFormatter, help="record agent-gradients while training and analyse their distribution",
         description="Record a subsample of gradients and updates per layer while training "
                     "(--env: an RL agent; --supervised digits: a small classifier), write "
                     "gradients.npz, summary.json and histogram/drift figures; or --compare "
@@ -417,20 +643,20 @@ def register_gradients(sub) -> None:
                    help="recorded run directories (or .npz files) to compare in one figure")
     p.add_argument("--agent", choices=["a2c", "ppo"], help="RL agent (default a2c)")
     p.add_argument("--optimizer", help="adam (default), rmsprop, ... or optim4rl:FILE|PRETRAINED")
-    p.add_argument("--lr", type=float, help="step size (default 3e-3 RL, 1e-3 supervised)")
-    p.add_argument("--grad-clip", type=float,
+    p.add_argument("--lr", type=positive_float, help="step size (default 3e-3 RL, 1e-3 supervised)")
+    p.add_argument("--grad-clip", type=nonneg_float,
                    help="elementwise clip inside the optimizer (0 = off; default 1 RL, off supervised); "
                         "gradients are recorded before it")
-    p.add_argument("--steps", type=int,
+    p.add_argument("--steps", type=positive_int,
                    help="RL: environment steps (default: the agent's CPU preset); supervised: minibatch "
                         "steps (default 3000)")
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="supervised minibatch size")
-    p.add_argument("--seed", type=int, help="seed (default 0)")
-    p.add_argument("--coords", type=int, default=2048, help="coordinates recorded, stratified by layer")
-    p.add_argument("--snapshots", type=int, default=150, help="evenly spaced snapshots recorded")
-    p.add_argument("--phases", type=int, default=3, help="training phases compared (default 3)")
+    p.add_argument("--batch-size", dest="batch_size", type=positive_int, default=64, help="supervised minibatch size")
+    p.add_argument("--seed", type=seed_int, help="seed (default 0)")
+    p.add_argument("--coords", type=positive_int, default=2048, help="coordinates recorded, stratified by layer")
+    p.add_argument("--snapshots", type=positive_int, default=150, help="evenly spaced snapshots recorded")
+    p.add_argument("--phases", type=positive_int, default=3, help="training phases compared")
     p.add_argument("--identity", action="store_true", help="also run the identity experiment on this run")
-    p.add_argument("--identity-steps", dest="identity_steps", type=int, default=1000,
+    p.add_argument("--identity-steps", dest="identity_steps", type=nonneg_int, default=1000,
                    help="training steps of the identity experiment (default 1000; run by --compare unless --no-identity)")
     p.add_argument("--no-identity", dest="no_identity", action="store_true",
                    help="with --compare: skip the identity experiment")
@@ -448,7 +674,15 @@ def cmd_reproduce(args) -> int:
 
     from optim4rl import reproduce
 
-    out = _out_dir(args, f"reproduce-{args.budget}")
+    from optim4rl.runs import check_writable_dir, check_writable_file
+
+    out = check_writable_dir(_out_dir(args, f"reproduce-{args.budget}"))
+    if args.docs:
+        check_writable_file(args.docs, "--docs")
+    known = [e.name for e in reproduce.experiments(args.budget)]
+    unknown = sorted(set(args.only or ()) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown experiment(s) {', '.join(unknown)}; known: {', '.join(known)}")
 
     def report(event):
         if event.get("event") == "experiment":
@@ -477,7 +711,10 @@ def cmd_reproduce(args) -> int:
 
 
 def register_reproduce(sub) -> None:
-    p = sub.add_parser("reproduce", help="regenerate the paper's experiments with `compare`, and a report")
+    p = _add_parser(sub, "reproduce", "regenerate the paper's experiments with `compare`, and a report",
+                    "Runs the paper's experiments (its Section 5: big_dense_long against the baselines, "
+                    "transfer to Brax and gymnax, the ablations, Catch) as comparisons, at a chosen "
+                    "budget, and writes a report; re-running reuses finished runs.")
     p.add_argument("--budget", choices=["smoke", "cpu", "paper"], default="smoke",
                    help="smoke: minutes (tests); cpu: what runs on a CPU; paper: the paper's budgets")
     p.add_argument("--only", nargs="+", help="run only these experiments (a_big_dense_long, b_brax, ...)")
@@ -495,7 +732,13 @@ def cmd_inspect(args) -> int:
     import json
 
     from optim4rl.analysis import response
+    from optim4rl.optimizers import make_optimizer
+    from optim4rl.runs import check_writable_file
 
+    if args.out is not None:
+        check_writable_file(args.out)
+    for spec in args.optimizers:  # every name is checked before the first response is computed
+        make_optimizer(spec, 1.0, grad_clip=args.grad_clip)
     results = []
     for spec in args.optimizers:
         result = response.step_response(spec, steps=args.steps, grad_clip=args.grad_clip, seed=args.seed or 0)
@@ -514,7 +757,7 @@ def cmd_inspect(args) -> int:
 
 def register_inspect(sub) -> None:
     p = sub.add_parser(
-        "inspect", help="step-size response of optimizers: |update|/lr by gradient size and noise",
+        "inspect", formatter_class=HelpFormatter, help="step-size response of optimizers: |update|/lr by gradient size and noise",
         description="For each optimizer, feed coordinates a gradient of fixed size whose sign flips at "
                     "random (probability 0, 0.25, 0.5) and print |update|/lr after --steps updates. Adam "
                     "gives ~1 for consistent gradients and much less for noise; a learned optimizer that "
@@ -522,9 +765,9 @@ def register_inspect(sub) -> None:
                     "gives |update|/lr of a last gradient 0.01x ... 100x the size of the noisy ones "
                     "before it: RMSProp's step follows the ratio, sign descent's does not.")
     p.add_argument("optimizers", nargs="+", help="e.g. adam optim4rl:big_dense_long optim4rl:init")
-    p.add_argument("--steps", type=int, default=20, help="updates before the response is read (default 20)")
-    p.add_argument("--grad-clip", dest="grad_clip", type=float, help="elementwise clip (default off)")
-    p.add_argument("--seed", type=int, help="seed of the sign flips (default 0)")
+    p.add_argument("--steps", type=positive_int, default=20, help="updates before the response is read")
+    p.add_argument("--grad-clip", dest="grad_clip", type=positive_float, help="elementwise clip (default off)")
+    p.add_argument("--seed", type=seed_int, help="seed of the sign flips (default 0)")
     p.add_argument("--out", help="also write the responses as JSON to this file")
     p.set_defaults(func=cmd_inspect)
 
@@ -555,6 +798,9 @@ def cmd_imitate(args) -> int:
     out = Path(args.out)
     if out.suffix != ".o4r":
         raise ConfigError(f"--out must name a .o4r file, got '{out}'")
+    from optim4rl.runs import check_writable_file
+
+    check_writable_file(out)
     imitate_lib.target_transform(opt, cfg)  # fail on a bad target before any work
     print(f"optim4rl imitate: {args.optimizer} -> step sizes of {cfg.target}, {cfg.steps} steps on "
           f"{cfg.coordinates} streams x {cfg.horizon} updates -> {out}", file=sys.stderr)
@@ -582,7 +828,7 @@ def cmd_imitate(args) -> int:
 
 def register_imitate(sub) -> None:
     p = sub.add_parser(
-        "imitate", help="fit a learned optimizer's step sizes to Adam's (or any optimizer's)",
+        "imitate", formatter_class=HelpFormatter, help="fit a learned optimizer's step sizes to Adam's (or any optimizer's)",
         description="Not in the paper. Fits φ so that the learned optimizer's |update|/lr matches the "
                     "target's on synthetic per-coordinate gradient streams (scales 1e-8 ... 1, noise, "
                     "exactly-zero gradients). The result trains agents like any .o4r file and can start "
@@ -591,8 +837,8 @@ def register_imitate(sub) -> None:
                    help="learned optimizer to start from: NAME:init, NAME:FILE.o4r or NAME:PRETRAINED "
                         "(default optim4rl:init)")
     p.add_argument("--target", default="adam", help="optimizer whose step sizes to match (default adam)")
-    p.add_argument("--steps", type=int, help="fitting steps (default 500)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, help="fitting steps (default 500)")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the synthetic gradient streams")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="another ImitationConfig field (coordinates, horizon, learning_rate, floor, "
                         "chunk), or an architecture field with NAME:init, e.g. "
@@ -613,6 +859,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"optim4rl: error: {exc}\n")
     except KeyboardInterrupt:
         parser.exit(130, "optim4rl: interrupted (use --resume to continue from the last checkpoint)\n")
+    except BrokenPipeError:
+        # `optim4rl list | head`: the reader left; say nothing more and exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        # A filesystem fault (disk full, permissions, read-only files): one line. Checkpoints
+        # are written atomically, so a run stopped here resumes from its last one.
+        where = f"{exc.filename}: " if exc.filename else ""
+        hint = ("; the run directory stays resumable with --resume once there is space"
+                if exc.errno == 28 else "")
+        parser.exit(1, f"optim4rl: error: {where}{exc.strerror or exc}{hint}\n")
     return 0
 
 

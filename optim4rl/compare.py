@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
@@ -25,8 +26,9 @@ from typing import Any, Callable, Literal, Mapping
 import numpy as np
 
 from optim4rl import training
+from optim4rl.config import check_numbers
 from optim4rl.errors import ConfigError
-from optim4rl.runs import RunDir, read_csv, to_jsonable, write_json
+from optim4rl.runs import RunDir, check_writable_dir, read_csv, recorded_config, to_jsonable, write_json
 
 @dataclass(frozen=True)
 class CompareSpec:
@@ -49,8 +51,21 @@ class CompareSpec:
             raise ConfigError("compare needs at least one --env")
         if not self.optimizers:
             raise ConfigError("compare needs at least one optimizer")
-        if self.seeds < 2:
-            raise ConfigError("compare needs at least 2 seeds for statistics")
+        try:
+            check_numbers(self)
+        except ValueError as exc:
+            raise ConfigError(f"compare: {exc}") from None
+        if not 2 <= self.seeds <= 65536:
+            raise ConfigError(f"compare needs between 2 and 65536 seeds for statistics, got {self.seeds}")
+        if not 0 <= self.seed <= 2**31 - 1 - self.seeds:
+            raise ConfigError(f"compare: seed must be between 0 and 2**31 - 1 - seeds, got {self.seed}")
+        for lr in self.learning_rates:
+            if not lr > 0:
+                raise ConfigError(f"compare: step sizes must be positive, got {lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"compare: grad_clip must be positive or off, got {self.grad_clip}")
+        if self.steps is not None and self.steps < 1:
+            raise ConfigError(f"compare: steps must be at least 1, got {self.steps}")
 
 
 def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[float, ...]]:
@@ -61,6 +76,8 @@ def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[floa
             rates = tuple(float(x) for x in lrs.split(","))
         except ValueError:
             raise ConfigError(f"bad step sizes in {entry!r}: use NAME@LR[,LR...]") from None
+        if not all(math.isfinite(r) and r > 0 for r in rates):
+            raise ConfigError(f"bad step sizes in {entry!r}: each must be a positive finite number")
     else:
         rates = spec.learning_rates  # () = each task's default step size (training.default_learning_rate)
     label = name
@@ -70,6 +87,17 @@ def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[floa
         path = Path(source)
         label = f"{arch}:{path.parent.name if path.stem.startswith('optimizer') else path.stem}"
     return label, name, rates
+
+
+def _run_spec(spec: CompareSpec, env: str, name: str, lr: float):
+    """The TrainSpec and agent config of one (task, optimizer, step size) run."""
+    train_spec = training.TrainSpec(
+        agent=spec.agent, env=env, optimizer=name, learning_rate=lr, grad_clip=spec.grad_clip,
+        seeds=spec.seeds, seed=spec.seed, log_chunks=spec.log_chunks)
+    overrides = dict(spec.agent_overrides)
+    if spec.steps:
+        overrides["total_steps"] = spec.steps
+    return train_spec, training.resolve_agent_config(train_spec, overrides, scale=spec.scale)
 
 
 def _run_dir(runs_dir: Path, env: str, label: str, lr: float) -> Path:
@@ -103,6 +131,17 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
     labels = [e[0] for e in entries]
     if spec.reference not in labels:
         raise ConfigError(f"reference optimizer {spec.reference!r} is not among the optimizers: {', '.join(labels)}")
+    check_writable_dir(out)
+    if runs_dir != out / "runs":
+        check_writable_dir(runs_dir, "runs_dir")
+    # Every name, file and setting is checked before the first run trains (not after the earlier
+    # optimizers have spent their hours).
+    for env in spec.envs:
+        for label, name, rates in entries:
+            for lr in rates or (training.default_learning_rate(spec.agent, env),):
+                train_spec, agent_cfg = _run_spec(spec, env, name, lr)
+                training.make_tx(train_spec)
+            training.agent_module(spec.agent).make_train(agent_cfg, training.make_tx(train_spec))
     RunDir(out).write_config(spec)
     results_rows: list[dict] = []
     per_task: dict[str, dict] = {}
@@ -117,13 +156,7 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
         for label, name, rates in entries:
             best = None
             for lr in rates or (training.default_learning_rate(spec.agent, env),):
-                train_spec = training.TrainSpec(
-                    agent=spec.agent, env=env, optimizer=name, learning_rate=lr, grad_clip=spec.grad_clip,
-                    seeds=spec.seeds, seed=spec.seed, log_chunks=spec.log_chunks)
-                overrides = dict(spec.agent_overrides)
-                if spec.steps:
-                    overrides["total_steps"] = spec.steps
-                agent_cfg = training.resolve_agent_config(train_spec, overrides, scale=spec.scale)
+                train_spec, agent_cfg = _run_spec(spec, env, name, lr)
                 run_dir = _run_dir(runs_dir, env, label, lr)
                 expected = training.run_config(train_spec, agent_cfg)
                 skipped = _finished(run_dir, expected)
@@ -131,7 +164,11 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                     callback({"event": "start", "env": env, "optimizer": label, "learning_rate": lr,
                               "skipped": skipped, "done": done_runs, "total": total_runs})
                 if not skipped:
-                    training.run(train_spec, agent_cfg, run_dir, plot=False)
+                    # A killed run of the same config resumes; anything else in its place is stale.
+                    resumable = (run_dir / "checkpoint.msgpack").exists() and \
+                        recorded_config(run_dir) == to_jsonable(expected)
+                    training.run(train_spec, agent_cfg, run_dir, plot=False, resume=resumable,
+                                 overwrite=not resumable)
                 done_runs += 1
                 summary = json.loads((run_dir / "summary.json").read_text())
                 version = _code_version(run_dir)
@@ -142,11 +179,20 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 sweep.setdefault(label, {})[lr] = float(np.nanmean(scores))
                 for seed, score, final in zip(summary["seeds"], scores, summary["final_return_per_seed"]):
                     results_rows.append({"task": env, "optimizer": label, "learning_rate": lr, "seed": seed,
-                                         "score": float(score), "final_return": final, "selected": False})
-                mean_score = np.nanmean(scores) if np.isfinite(scores).any() else -np.inf
+                                         "score": float(score), "final_return": final, "selected": False,
+                                         "diverged": False})
+                diverged = bool(summary.get("diverged_seeds"))
+                if diverged:
+                    for row in results_rows[-len(summary["seeds"]):]:
+                        row["diverged"] = True
+                # A run in which any seed diverged is never selected as an optimizer's best step
+                # size, and so never ranked: its other seeds' scores would flatter it.
+                mean_score = np.nanmean(scores) if np.isfinite(scores).any() and not diverged else -np.inf
                 if best is None or mean_score > best[0]:
                     best = (mean_score, lr, scores, (x, y))
-            _, lr, scores, curve = best
+            best_score, lr, scores, curve = best
+            if best_score == -np.inf:
+                scores = np.full_like(scores, np.nan)  # every step size diverged: no score at all
             selected_scores[label], selected_lr[label], curves[f"{label} (lr {lr:g})"] = scores, lr, curve
             for row in results_rows:
                 if row["task"] == env and row["optimizer"] == label and row["learning_rate"] == lr:

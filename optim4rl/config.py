@@ -1,12 +1,14 @@
 """Configs: frozen dataclasses built strictly from TOML presets and command-line overrides.
 
-A preset is a TOML file in ``configs/`` (or any path). Unknown keys and values of the wrong type
+A preset is a TOML file shipped in ``optim4rl/presets/`` (or any path). Unknown keys and values of the wrong type
 are rejected with one line naming the key, so a typo never becomes a silently different run.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import tomllib
 import types
 import typing
@@ -15,7 +17,7 @@ from typing import Any, Mapping
 
 from optim4rl.errors import ConfigError
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def list_presets() -> dict[str, str]:
@@ -30,7 +32,7 @@ def list_presets() -> dict[str, str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """Loads a preset by name (``configs/NAME.toml``) or by path to a TOML file."""
+    """Loads a preset by name (``optim4rl/presets/NAME.toml``) or by path to a TOML file."""
     path = Path(name)
     if not (path.suffix == ".toml" and path.exists()):
         path = PRESET_DIR / f"{name}.toml"
@@ -109,13 +111,17 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint is int:
         if isinstance(value, bool):
             raise ConfigError(f"{where} must be an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
         if isinstance(value, float) and value.is_integer():
-            return int(value)
+            value = int(value)
+        if isinstance(value, int):
+            if abs(value) > 2**53:
+                raise ConfigError(f"{where} is too large: {value}")
+            return value
         raise ConfigError(f"{where} must be an integer, got {value!r}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{where} must be a number, got {value!r}")
     if hint is str:
@@ -140,6 +146,22 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str | None = None) -> A
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_numbers(obj: Any) -> None:
+    """Raises ValueError naming the first float field of dataclass `obj` that is NaN or ±inf.
+
+    Called by every config's ``__post_init__``, so the Python API, TOML presets and the command
+    line are checked at one place (``x <= 0`` is False for NaN: range checks alone let it pass).
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                continue
+            if not math.isfinite(float(v)):
+                raise ValueError(f"{f.name} must be a finite number, got {v!r}")
 
 
 def replace(obj: Any, **changes: Any) -> Any:

@@ -18,7 +18,7 @@ Experiments:
                     the untrained φ as the reference of the paired tests, e_catch_lr1e-3 the same
                     runs at the learned optimizer's meta-training step size only.
   f_big_dense_long_64env  A2C on big_dense_long with 64 envs for 1e6 steps, 10 seeds: the files
-                    meta-trained with agents that live that long (configs/big_dense_long-64env.toml)
+                    meta-trained with agents that live that long (optim4rl/presets/big_dense_long-64env.toml)
                     vs Adam, RMSProp and the untrained φ, at the best of α = 1e-3, 3e-3, 1e-2
                     (RMSProp at 3e-3 only, the untrained φ at 3e-3 and 1e-2).
 
@@ -128,7 +128,7 @@ def experiments(budget: str) -> list[Experiment]:
               ("e_catch_lr1e-3", "The same Catch runs at α = 1e-3 only, the learned optimizer's "
                "meta-training step size", "1e-3", "adam",
                "every optimizer at one step size; the learned one was meta-trained at this α"))],
-        # big_dense_long with agent lifetimes as long as the test (configs/big_dense_long-64env.toml:
+        # big_dense_long with agent lifetimes as long as the test (optim4rl/presets/big_dense_long-64env.toml:
         # each meta-training agent lives 800 updates of 64 envs, the 1e6 steps tested here). Only
         # files meta-trained that way are compared, with 10 seeds, each at its best of the α swept.
         *([Experiment("f_big_dense_long_64env", "Meta-trained with agent lifetimes as long as the test: "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -98,6 +99,9 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600 files; give every file of a run directory the same mode as the
+        # ones written with open() (0666 less the umask).
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -105,8 +109,153 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: Path | str, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2) + "\n").encode())
+
+
+# Files a run may leave in its directory (what --overwrite removes; nothing else is touched).
+RUN_FILES = ("config.json", "summary.json", "metrics.csv", "metrics.jsonl", "checkpoint.msgpack",
+             "learning_curve.png", "evaluations.csv", "evaluations.jsonl", "optimizer.o4r",
+             "optimizer_latest.o4r", "meta_training.png")
+
+
+def check_writable_dir(path: Path | str, what: str = "--out") -> Path:
+    """One clear line (Optim4RLError) unless `path` is, or can become, a writable directory.
+
+    Nothing is created: this runs before any work, so bad input leaves no trace.
+    """
+    path = Path(path)
+    if str(path) == "":
+        raise Optim4RLError(f"{what} must name a directory, got ''")
+    if path.exists() and not path.is_dir():
+        raise Optim4RLError(f"{what} {path} exists and is not a directory")
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise Optim4RLError(f"{what} {path}: {probe} is a file, not a directory")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise Optim4RLError(f"{what} {path}: {probe} is not writable")
+    return path
+
+
+def check_writable_file(path: Path | str, what: str = "--out") -> Path:
+    """One clear line unless `path` can be written as a file (checked before any work)."""
+    path = Path(path)
+    if str(path) == "" or path.name == "":
+        raise Optim4RLError(f"{what} must name a file, got '{path}'")
+    if path.is_dir():
+        raise Optim4RLError(f"{what} {path} is a directory; give a file name")
+    check_writable_dir(path.parent if str(path.parent) else Path("."), what)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise Optim4RLError(f"{what} {path} is not writable")
+    return path
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two JSON-like configs."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        keys = list(dict.fromkeys([*old, *new]))
+        diffs = []
+        for k in keys:
+            diffs += config_differences(old.get(k, "<absent>"), new.get(k, "<absent>"),
+                                        f"{prefix}{k}.")
+        return diffs
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def recorded_config(path: Path | str) -> dict | None:
+    """The `config` a run directory's config.json records, or None when there is none."""
+    config = Path(path) / "config.json"
+    if not config.exists():
+        return None
+    try:
+        return json.loads(config.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise Optim4RLError(f"{config} is unreadable or not an optim4rl run record") from None
+
+
+def claim_run_dir(path: Path | str, config: Any, *, resume: bool = False, overwrite: bool = False,
+                  extendable: Mapping[str, str] | None = None, finished: str = "summary.json") -> str:
+    """Decides what a new run may do with directory `path`, before anything is written there.
+
+    Returns "fresh" (empty or absent directory, or --overwrite), "resume" (a checkpoint of the
+    same config: continue it) or "finished" (a finished run of the same config: nothing to do).
+    A run of another config is refused with one line naming the differing keys, so a directory
+    never holds numbers of one config under the record of another. `extendable` maps dotted
+    keys that a resumed run may increase (the step or iteration budget) to the flag that sets
+    them; their change is allowed on --resume only and recorded by the caller.
+    """
+    path = check_writable_dir(path)
+    if resume and overwrite:
+        raise Optim4RLError("--resume and --overwrite exclude each other")
+    wanted = to_jsonable(config)
+    present = [n for n in RUN_FILES if (path / n).exists()]
+    if overwrite:
+        for name in present:
+            (path / name).unlink()
+        _remove_stale_tmp(path)
+        return "fresh"
+    recorded = recorded_config(path)
+    checkpoint = (path / "checkpoint.msgpack").exists()
+    if recorded is None:
+        if resume:
+            raise Optim4RLError(f"nothing to resume in {path}: it holds no run (no config.json)")
+        if present:
+            raise Optim4RLError(f"{path} holds files of an unrecorded run ({', '.join(present)}); "
+                                "use --overwrite to replace them or choose another --out")
+        return "fresh"
+    diffs = config_differences(recorded, wanted)
+    extended = [d for d in diffs if d in (extendable or {})]
+    others = [d for d in diffs if d not in (extendable or {})]
+    if others or (extended and not resume):
+        shown = ", ".join(others + extended)
+        raise Optim4RLError(f"{path} holds a run with a different config ({shown}); use --resume with "
+                            "the same settings to continue it, --overwrite to replace it, or another --out")
+    if resume:
+        if not checkpoint:
+            raise Optim4RLError(f"nothing to resume in {path}: it has no checkpoint.msgpack")
+        for key in extended:
+            old, new = _dotted(recorded, key), _dotted(wanted, key)
+            if not (isinstance(old, (int, float)) and isinstance(new, (int, float)) and new > old):
+                raise Optim4RLError(f"--resume can extend {key} ({extendable[key]}) but not shrink it "
+                                    f"({old} -> {new})")
+        _remove_stale_tmp(path)
+        return "resume"
+    if (path / finished).exists() and _finished_summary(path / finished):
+        return "finished"
+    if checkpoint:
+        raise Optim4RLError(f"{path} holds an unfinished run with this config; continue it with "
+                            "--resume, or replace it with --overwrite")
+    return "fresh"
+
+
+def _finished_summary(path: Path) -> bool:
+    try:
+        return "stopped_at_iteration" not in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _dotted(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        data = data.get(part) if isinstance(data, Mapping) else None
+    return data
+
+
+def _remove_stale_tmp(path: Path) -> None:
+    """Temporary files left by a checkpoint write that a kill interrupted (atomic_write_bytes)."""
+    for tmp in path.glob("*.tmp"):
+        if any(tmp.name.lstrip(".").startswith(name + ".") for name in RUN_FILES):
+            tmp.unlink(missing_ok=True)
 
 
 class RunDir:
@@ -169,19 +318,37 @@ class MetricsWriter:
                 f.write(json.dumps(r) + "\n")
 
 
-def read_csv(path: Path | str) -> list[dict[str, Any]]:
-    """Reads a metrics CSV back, numbers as floats (empty cells as NaN)."""
+def read_csv(path: Path | str, tolerate_torn: bool = False) -> list[dict[str, Any]]:
+    """Reads a metrics CSV back: integers as ints, other numbers as floats, empty cells as NaN.
+
+    `tolerate_torn` drops rows a kill or a full disk cut short (missing cells, or a last line
+    without its newline) instead of failing on them.
+    """
 
     def conv(v: str) -> Any:
         if v == "":
             return float("nan")
+        try:
+            return int(v)
+        except ValueError:
+            pass
         try:
             return float(v)
         except ValueError:
             return v
 
     with open(path, newline="") as f:
-        return [{k: conv(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        text = f.read()
+    if tolerate_torn and text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        if None in row or any(v is None for v in row.values()):
+            if tolerate_torn:
+                continue
+            raise Optim4RLError(f"{path} has a malformed row (a torn write?); --resume drops it")
+        rows.append({k: conv(v) for k, v in row.items()})
+    return rows
 
 
 # --- checkpoints ------------------------------------------------------------------------------

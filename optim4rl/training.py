@@ -9,6 +9,8 @@ progress goes to an optional callback.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from optim4rl import config as config_lib
 from optim4rl.errors import ConfigError
 from optim4rl.optimizers.make import optimizer_source
 from optim4rl.parallel import population_mesh, shard_population
-from optim4rl.runs import RunDir, load_checkpoint, read_csv, save_checkpoint
+from optim4rl.runs import RunDir, claim_run_dir, load_checkpoint, read_csv, save_checkpoint
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -51,13 +53,31 @@ class TrainSpec:
     seed: int = 0
     log_chunks: int = 50
     checkpoint_every_s: float = 120.0
+    checkpoint_every_chunks: int = 10  # also checkpoint this often, so short runs survive a kill
     score_fraction: float = 0.1
 
     def __post_init__(self):
-        if self.seeds < 1:
-            raise ValueError("seeds must be at least 1")
-        if self.learning_rate <= 0:
-            raise ValueError("learning_rate must be positive")
+        try:
+            config_lib.check_numbers(self)
+        except ValueError as exc:
+            raise ConfigError(f"train: {exc}") from None
+        if not 1 <= self.seeds <= 65536:
+            raise ConfigError(f"seeds must be between 1 and 65536, got {self.seeds}")
+        if not 0 <= self.seed <= 2**31 - 1 - self.seeds:
+            raise ConfigError(f"seed must be between 0 and 2**31 - 1 - seeds, got {self.seed}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}")
+        for name in ("grad_clip", "global_clip"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name} must be positive or off (None), got {value}")
+        if not 0 < self.score_fraction <= 1:
+            raise ConfigError(f"score_fraction must lie in (0, 1], got {self.score_fraction}")
+        for name in ("log_chunks", "checkpoint_every_chunks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.checkpoint_every_s > 0:
+            raise ConfigError(f"checkpoint_every_s must be positive, got {self.checkpoint_every_s}")
 
 
 def agent_module(agent: str):
@@ -161,6 +181,13 @@ def run_config(spec: TrainSpec, agent_config: Any, extra_config: Mapping[str, An
             "optimizer_source": optimizer_source(spec.optimizer), **(extra_config or {})}
 
 
+def actual_steps(prepared: "PreparedRun") -> int:
+    """Env steps per seed the run really takes: the budget rounded up to whole updates (and
+    chunks), e.g. 200,000 asked -> 204,800 with 1,280 steps per update."""
+    train = prepared.train
+    return train.num_chunks * train.updates_per_chunk * train.steps_per_update
+
+
 def run(
     spec: TrainSpec,
     agent_config: Any,
@@ -169,28 +196,42 @@ def run(
     resume: bool = False,
     plot: bool = True,
     extra_config: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    prepared: PreparedRun | None = None,
 ) -> dict[str, Any]:
-    """Trains `spec.seeds` seeds in parallel and writes the run directory; returns the summary."""
+    """Trains `spec.seeds` seeds in parallel and writes the run directory; returns the summary.
+
+    A directory that already holds a finished run of the same config is reused (its summary is
+    returned); one of another config is refused unless `overwrite` (see `runs.claim_run_dir`).
+    `resume` continues the run from its checkpoint; the config must be the recorded one.
+    """
+    record = run_config(spec, agent_config, extra_config)
+    mode = claim_run_dir(out, record, resume=resume, overwrite=overwrite)
+    if mode == "finished":
+        return json.loads((Path(out) / "summary.json").read_text())
     run_dir = RunDir(out)
-    prepared = prepare(spec, agent_config)
+    prepared = prepared or prepare(spec, agent_config)
     train = prepared.train
     seed_ids = spec.seed + np.arange(spec.seeds)
     state = prepared.init_state()
     start_chunk, elapsed_before = 0, 0.0
     ckpt_path = run_dir.file("checkpoint.msgpack")
-    if resume and ckpt_path.exists():
+    if mode == "resume":
         state, meta = load_checkpoint(ckpt_path, state)
         start_chunk, elapsed_before = int(meta["chunk"]), float(meta.get("wall_time_s", 0.0))
-        rows = [r for r in read_csv(run_dir.file("metrics.csv"))
-                if r["update"] <= start_chunk * train.updates_per_chunk] if start_chunk else []
+        # Rows logged after the checkpoint are recomputed; a row torn by a kill or a full disk
+        # is dropped with them, so a run is always resumable from its last checkpoint.
+        rows = [r for r in read_csv(run_dir.file("metrics.csv"), tolerate_torn=True)
+                if isinstance(r.get("update"), (int, float)) and r["update"] <= start_chunk * train.updates_per_chunk]
         writer = run_dir.metrics_writer()
         writer.write(rows)
     else:
         writer = run_dir.metrics_writer()
     # The config as asked for; the chunk size chosen for logging is recorded beside it.
     run_dir.write_config(
-        run_config(spec, agent_config, extra_config),
+        record,
         updates_per_chunk=train.updates_per_chunk,
+        env_steps_per_seed=actual_steps(prepared),
         seeds=seed_ids.tolist(),
         devices=[str(d) for d in jax.devices()],
     )
@@ -221,30 +262,42 @@ def run(
                 "env_steps": done_chunks * steps_per_chunk, "total_steps": num_chunks * steps_per_chunk,
                 "steps_per_s": sps, "episode_return": _nanmean(metrics["episode_return"][:, -1]),
             })
-        if time.time() - last_ckpt > spec.checkpoint_every_s or done_chunks == num_chunks:
+        if (time.time() - last_ckpt > spec.checkpoint_every_s or done_chunks == num_chunks
+                or (done_chunks - start_chunk) % spec.checkpoint_every_chunks == 0):
             save_checkpoint(ckpt_path, state, {
                 "chunk": done_chunks, "wall_time_s": elapsed_before + time.time() - t_start})
             last_ckpt = time.time()
     wall_time = elapsed_before + time.time() - t_start
 
-    if resume and start_chunk:
+    if start_chunk:
         all_rows = read_csv(run_dir.file("metrics.csv"))
         returns = _curves_from_rows(all_rows, seed_ids, "episode_return")
         env_steps = _curves_from_rows(all_rows, seed_ids, "env_steps")[0]
+        losses = _curves_from_rows(all_rows, seed_ids, "loss")
     else:
         returns = np.concatenate(history["episode_return"], axis=1) if history else np.zeros((spec.seeds, 0))
         env_steps = np.concatenate(history["env_steps"], axis=1)[0] if history else np.zeros(0)
+        losses = np.concatenate(history["loss"], axis=1) if history else np.zeros((spec.seeds, 0))
+    diverged = divergence(losses, _finite_params(state), seed_ids)
     scores = score_of(returns, spec.score_fraction)
+    valid = np.ones(spec.seeds, bool)
+    for d in diverged:
+        valid[int(d["seed"] - spec.seed)] = False
+    scores = np.where(valid, scores, np.nan)  # a diverged seed has no score, never a real-looking one
     total_steps = num_chunks * steps_per_chunk
     run_time = max(wall_time - (compile_s or 0.0), 1e-9)
     summary = {
         "env": spec.env, "agent": spec.agent, "optimizer": spec.optimizer,
         "learning_rate": spec.learning_rate, "seeds": seed_ids.tolist(),
-        "score_per_seed": scores.tolist(), "score_mean": float(np.nanmean(scores)),
+        "score_per_seed": scores.tolist(),
+        "score_mean": float(np.nanmean(scores)) if valid.any() and np.isfinite(scores).any() else None,
+        "score_fraction": spec.score_fraction,
+        "valid_per_seed": valid.tolist(), "diverged_seeds": diverged,
         "final_return_per_seed": returns[:, -1].tolist() if returns.size else [],
         "env_steps_per_seed": int(total_steps),
         "wall_time_s": wall_time, "compile_time_s": compile_s,
         "steps_per_s": total_steps * spec.seeds / run_time,
+        "steps_per_s_note": "after compilation (wall time less the first chunk's compile time)",
         "score": f"mean of the last {spec.score_fraction:.0%} of logged episode returns",
     }
     if "eval_return" in history:
@@ -260,6 +313,47 @@ def run(
             title=f"{spec.agent.upper()} on {spec.env}: episode return over {spec.seeds} seed(s)",
         )
     return summary
+
+
+def divergence(losses: np.ndarray, params_finite: np.ndarray, seed_ids: np.ndarray) -> list[dict]:
+    """Seeds whose loss became non-finite (NaN or inf) or whose parameters ended non-finite,
+    each with the first update (1-based) at which it happened (None: only the end state)."""
+    diverged = []
+    losses = np.asarray(losses, np.float64)
+    for i, seed in enumerate(seed_ids):
+        bad = np.flatnonzero(~np.isfinite(losses[i])) if losses.size else np.zeros(0, int)
+        if bad.size or not params_finite[i]:
+            diverged.append({"seed": int(seed),
+                             "first_nonfinite_update": int(bad[0]) + 1 if bad.size else None})
+    return diverged
+
+
+def _finite_params(state) -> np.ndarray:
+    """Per seed: are all the agent's parameters finite? (Leading axis of every leaf: the seed.)"""
+    leaves = [x for x in jax.tree.leaves(state.params) if jnp.issubdtype(x.dtype, jnp.floating)]
+    per_seed = [jnp.all(jnp.isfinite(x.reshape(x.shape[0], -1)), axis=1) for x in leaves]
+    return np.asarray(jax.device_get(jnp.all(jnp.stack(per_seed), axis=0)))
+
+
+def check_memory(prepared: "PreparedRun", fraction: float = 0.8) -> None:
+    """Refuses, with one line, a run whose state alone would not fit in memory (a typo such as
+    --seeds 100000), instead of failing deep inside the allocator or swapping for hours."""
+    spec, cfg = prepared.spec, prepared.agent_config
+    per_seed = jax.eval_shape(prepared.train.init, jax.random.key(0))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(per_seed))
+    obs_size = int(np.prod(getattr(prepared.train.env, "observation_shape", (1,))))
+    rollout = getattr(cfg, "rollout_length", None) or getattr(cfg, "unroll_length", 1) * getattr(
+        cfg, "batch_size", 1) * getattr(cfg, "num_minibatches", 1)
+    trajectory_bytes = getattr(cfg, "num_envs", 1) * rollout * (obs_size + 8) * 4 * 4
+    need = spec.seeds * (2 * state_bytes + trajectory_bytes)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if jax.default_backend() == "cpu" and need > fraction * available:
+        raise ConfigError(f"this run needs about {need / 2**30:,.1f} GiB for {spec.seeds} seed(s) "
+                          f"({cfg.num_envs if hasattr(cfg, 'num_envs') else '?'} envs each) but "
+                          f"{available / 2**30:,.1f} GiB are free; use fewer seeds or envs")
 
 
 def score_of_evals(evals: np.ndarray, last: int = 3) -> np.ndarray:

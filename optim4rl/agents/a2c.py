@@ -29,6 +29,7 @@ import optax
 from optim4rl.agents.distributions import Categorical
 from optim4rl.agents.networks import init_params, make_network
 from optim4rl.agents.types import Metrics, Trainer, Trajectory, mean_episode_return, plan_updates
+from optim4rl.config import check_numbers
 from optim4rl.errors import ConfigError
 
 Array = jax.Array
@@ -76,6 +77,10 @@ class A2CConfig:
             object.__setattr__(self, "env_kwargs", tuple(sorted(self.env_kwargs.items())))
         if isinstance(self.total_steps, float) and self.total_steps.is_integer():
             object.__setattr__(self, "total_steps", int(self.total_steps))
+        try:
+            check_numbers(self)
+        except ValueError as exc:
+            raise ConfigError(f"A2CConfig.{exc}") from None
         for name in ("num_envs", "rollout_length", "total_steps", "updates_per_chunk"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -83,6 +88,11 @@ class A2CConfig:
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"A2CConfig.{name} must lie in [0, 1], got {getattr(self, name)!r}")
+        for name in ("value_coef", "entropy_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"A2CConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.reward_scale == 0:
+            raise ConfigError("A2CConfig.reward_scale must not be 0")
 
     @classmethod
     def paper(cls, env: str = "catch", **overrides) -> "A2CConfig":

@@ -37,6 +37,7 @@ from optim4rl.agents import running_statistics
 from optim4rl.agents.distributions import make_distribution
 from optim4rl.agents.networks import init_params, make_ppo_network
 from optim4rl.agents.types import Metrics, Trainer, mean_episode_return, plan_updates
+from optim4rl.config import check_numbers
 from optim4rl.errors import ConfigError
 
 Array = jax.Array
@@ -154,6 +155,10 @@ class PPOConfig:
             object.__setattr__(self, "env_kwargs", tuple(sorted(self.env_kwargs.items())))
         if isinstance(self.total_steps, float) and self.total_steps.is_integer():
             object.__setattr__(self, "total_steps", int(self.total_steps))
+        try:
+            check_numbers(self)
+        except ValueError as exc:
+            raise ConfigError(f"PPOConfig.{exc}") from None
         positive = ("total_steps", "num_envs", "batch_size", "num_minibatches", "unroll_length",
                     "num_updates_per_batch", "updates_per_chunk")
         for name in positive:

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optim4rl.envs.backends import import_backend
 from optim4rl.envs.base import Env
 from optim4rl.envs.registry import BRAX_TASKS  # noqa: F401  (re-export)
 
@@ -55,7 +56,7 @@ class BraxInner(NamedTuple):
 
 def _check_task_kwargs(task: str, cls, kwargs: dict) -> None:
     """Reject options the Brax task's constructor would not accept, with one clear line."""
-    from brax.envs.base import PipelineEnv
+    PipelineEnv = import_backend("brax.envs.base").PipelineEnv
 
     allowed = set()
     for klass in (cls, PipelineEnv):
@@ -111,7 +112,7 @@ class BraxEnv(Env):
             # Brax warns on every model load that it is in maintenance mode; say it once, not
             # on every env construction.
             warnings.filterwarnings("ignore", message="Brax System", category=UserWarning)
-            from brax import envs as brax_envs
+            brax_envs = import_backend("brax.envs")
 
             registry = getattr(brax_envs, "_envs", None)
             if registry is not None and self.task not in registry:

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optim4rl.envs.backends import import_backend
 from optim4rl.envs.base import Env
 from optim4rl.envs.registry import GYMNAX_TASKS  # noqa: F401  (re-export)
 
@@ -44,8 +45,8 @@ class GymnaxEnv(Env):
     env_params: Any = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self):
-        import gymnax
-        from gymnax.environments import spaces
+        gymnax = import_backend("gymnax")
+        spaces = import_backend("gymnax.environments.spaces")
 
         if self.env_id not in gymnax.registered_envs:
             raise ValueError(

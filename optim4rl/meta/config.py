@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
+from optim4rl.config import check_numbers
+from optim4rl.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class MetaTask:
@@ -15,6 +18,20 @@ class MetaTask:
     learning_rate: float = 3e-3
     reset_interval: int | None = None  # None: MetaConfig.reset_interval
     num_agents: int | None = None  # None: MetaConfig.num_agents
+
+    def __post_init__(self):
+        try:
+            check_numbers(self)
+        except ValueError as exc:
+            raise ConfigError(f"meta: {exc}") from None
+        if not self.learning_rate > 0:
+            raise ConfigError(f"task {self.env}: learning_rate must be positive, got {self.learning_rate}")
+        if self.reward_scale == 0:
+            raise ConfigError(f"task {self.env}: reward_scale must not be 0")
+        for name in ("reset_interval", "num_agents"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"task {self.env}: {name} must be at least 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -63,13 +80,30 @@ class MetaConfig:
 
     def __post_init__(self):
         if not self.tasks:
-            raise ValueError("meta-training needs at least one task")
+            raise ConfigError("meta-training needs at least one task")
         for name in ("num_agents", "envs_per_agent", "inner_updates", "rollout_length",
                      "reset_interval", "iterations", "iterations_per_chunk", "age_bins"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
-        if self.meta_learning_rate <= 0:
-            raise ValueError("meta_learning_rate must be positive")
+                raise ConfigError(f"{name} must be at least 1")
+        try:
+            check_numbers(self)
+        except ValueError as exc:
+            raise ConfigError(f"meta: {exc}") from None
+        if not self.meta_learning_rate > 0:
+            raise ConfigError(f"meta_learning_rate must be positive, got {self.meta_learning_rate}")
+        for name in ("grad_clip", "meta_max_norm", "meta_grad_clip", "meta_global_clip"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 or none: off), got {value}")
+        for name in ("eval_every", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: off), got {getattr(self, name)}")
+        if self.eval_num_envs is not None and self.eval_num_envs < 1:
+            raise ConfigError(f"eval_num_envs must be at least 1, got {self.eval_num_envs}")
+        if not self.checkpoint_every_s > 0:
+            raise ConfigError(f"checkpoint_every_s must be positive, got {self.checkpoint_every_s}")
+        if not 0 <= self.seed <= 2**31 - 1:
+            raise ConfigError(f"seed must be between 0 and 2**31 - 1, got {self.seed}")
 
     def task_reset_interval(self, task: MetaTask) -> int:
         return task.reset_interval or self.reset_interval

@@ -87,7 +87,7 @@ class MetaTrainer:
 
         self.cfg = cfg
         if cfg.optimizer not in optimizers.LEARNED:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown learned optimizer {cfg.optimizer!r}; known: {', '.join(optimizers.LEARNED)}"
             )
         self.opt = optimizers.LEARNED[cfg.optimizer](**dict(cfg.optimizer_options))

@@ -9,6 +9,7 @@ checkpoint's exact state (keys included), so it ends with the same φ as an unin
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +21,8 @@ import numpy as np
 from optim4rl.meta.config import MetaConfig
 from optim4rl.meta.pipeline import MetaState, MetaTrainer
 from optim4rl.parallel import population_mesh, replicate, shard_population
-from optim4rl.runs import RunDir, load_checkpoint, read_csv, save_checkpoint
+from optim4rl.errors import Optim4RLError
+from optim4rl.runs import RunDir, claim_run_dir, load_checkpoint, read_csv, recorded_config, save_checkpoint
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -80,6 +82,8 @@ def run(
     preset: str | None = None,
     stop_after_chunks: int | None = None,
     time_limit_s: float | None = None,
+    overwrite: bool = False,
+    trainer: MetaTrainer | None = None,
 ) -> dict[str, Any]:
     """Meta-trains per `cfg` into run directory `out`; returns the summary.
 
@@ -89,16 +93,26 @@ def run(
     ``stopped_at_iteration`` and no ``optimizer.o4r`` is written: a truncated φ is never saved
     under the final name.
     """
+    mode = claim_run_dir(out, cfg, resume=resume, overwrite=overwrite,
+                         extendable={"iterations": "--iterations"})
+    if mode == "finished":
+        return json.loads((Path(out) / "summary.json").read_text())
     run_dir = RunDir(out)
-    trainer = MetaTrainer(cfg)
+    trainer = trainer or MetaTrainer(cfg)
     state = place(trainer.init(), trainer)
     ckpt_path = run_dir.file("checkpoint.msgpack")
     elapsed_before = 0.0
-    if resume and ckpt_path.exists():
+    extended_from = None
+    if mode == "resume":
+        previous = recorded_config(out)
         state, meta = load_checkpoint(ckpt_path, state)
         elapsed_before = float(meta.get("wall_time_s", 0.0))
+        if previous.get("iterations") != cfg.iterations:
+            extended_from = previous.get("iterations")
         done = int(state.iteration)
-        rows = [r for r in read_csv(run_dir.file("metrics.csv")) if r["iteration"] <= done] \
+        # Rows after the checkpoint are recomputed (a torn last row is dropped with them).
+        rows = [r for r in read_csv(run_dir.file("metrics.csv"), tolerate_torn=True)
+                if isinstance(r.get("iteration"), (int, float)) and r["iteration"] <= done] \
             if run_dir.file("metrics.csv").exists() else []
         writer = run_dir.metrics_writer()
         writer.write(rows)
@@ -109,14 +123,17 @@ def run(
         from optim4rl.optimizers import optimizer_source
 
         extra["init_from"] = optimizer_source(f"{cfg.optimizer}:{cfg.init_from}")  # path + SHA-256
+    if extended_from is not None:
+        extra["extended_from_iterations"] = extended_from
     record = run_dir.write_config(cfg, preset=preset, devices=[str(d) for d in jax.devices()], **extra)
 
     chunk_fn = jax.jit(trainer.run_chunk, donate_argnums=0)
     evaluator = Evaluator(trainer) if cfg.eval_steps > 0 else None
     steps_per_iter = cfg.env_steps_per_iteration()
     eval_path = run_dir.file("evaluations.csv")
-    eval_rows = [r for r in read_csv(eval_path) if r["iteration"] <= int(state.iteration)] \
-        if resume and eval_path.exists() else []
+    eval_rows = [r for r in read_csv(eval_path, tolerate_torn=True)
+                 if isinstance(r.get("iteration"), (int, float)) and r["iteration"] <= int(state.iteration)] \
+        if mode == "resume" and eval_path.exists() else []
     eval_writer = run_dir.metrics_writer("evaluations")
     eval_writer.write(eval_rows)
     last_ckpt = time.time()
@@ -150,6 +167,13 @@ def run(
             state, metrics = jax.jit(trainer.run_chunk, static_argnums=1)(state, length)
         metrics = jax.device_get(metrics)
         dt = time.time() - t0
+        skipped_now = float(np.sum(metrics.get("skipped_update", 0.0)))
+        if skipped_now > 0.5 * length or not _finite(state.phi):
+            raise MetaTrainingDiverged(
+                f"meta-training diverged at meta-iterations {start_iter + 1}-{start_iter + length}: "
+                f"{skipped_now:.0f} of {length} meta-updates were skipped (non-finite meta-gradients)"
+                f"{'' if _finite(state.phi) else ' and φ is non-finite'}; nothing was saved from this "
+                f"chunk (try a smaller meta_learning_rate; --resume restarts from the last checkpoint)")
         if chunks_run > 0:
             timed_iters, timed_s = timed_iters + length, timed_s + dt
         chunks_run += 1
@@ -178,7 +202,8 @@ def run(
             callback(event)
         out_of_time = (time_limit_s is not None and end_iter < cfg.iterations
                        and time.time() - t_start > time_limit_s)
-        if out_of_time or time.time() - last_ckpt > cfg.checkpoint_every_s or end_iter >= cfg.iterations:
+        if (out_of_time or time.time() - last_ckpt > cfg.checkpoint_every_s or end_iter >= cfg.iterations
+                or chunks_run % 10 == 0):
             save_checkpoint(ckpt_path, state, {"iteration": end_iter,
                                                "wall_time_s": elapsed_before + time.time() - t_start})
             save_optimizer(run_dir.file("optimizer_latest.o4r"), trainer, state.phi,
@@ -212,6 +237,14 @@ def run(
     run_dir.write_summary(summary)
     _plot(run_dir, cfg)
     return summary
+
+
+class MetaTrainingDiverged(Optim4RLError):
+    """Most meta-updates of a chunk were skipped, or φ became non-finite."""
+
+
+def _finite(tree) -> bool:
+    return bool(all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(jax.device_get(tree))))
 
 
 def _provenance(record: dict, cfg: MetaConfig, iteration: int, preset: str | None) -> dict[str, Any]:

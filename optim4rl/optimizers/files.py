@@ -57,6 +57,12 @@ def save(path: str | os.PathLike, opt: LearnedOptimizer, phi: MetaParams,
     if got != expected:
         raise ValueError(f"meta-parameters do not match the {opt.name} architecture: "
                          f"{_describe_mismatch(got, expected)}")
+    for name, leaf in named:
+        if not np.isfinite(np.asarray(leaf)).all():
+            raise ParameterFileError(f"refusing to save {path}: meta-parameter '{name}' holds "
+                                     "non-finite values (NaN or inf)")
+    if path.is_dir():
+        raise ParameterFileError(f"cannot save to {path}: it is a directory; give a file name")
 
     tensors, buffers, offset = [], [], 0
     for name, leaf in named:
@@ -151,6 +157,9 @@ def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, MetaParams, dict[st
                                      f"'{entry['name']}')")
         array = np.frombuffer(data, dtype=_DTYPE, count=entry["nbytes"] // 4,
                               offset=entry["offset"])
+        if not np.isfinite(array).all():
+            raise ParameterFileError(f"{path}: tensor '{entry['name']}' holds non-finite values "
+                                     "(NaN or inf); the file is unusable")
         arrays[entry["name"]] = array.reshape(entry["shape"])
 
     abstract = jax.eval_shape(opt.init_meta, jax.random.key(0))
@@ -210,8 +219,11 @@ def _json_default(value: Any) -> Any:
 
 
 def _write_atomically(path: pathlib.Path, blob: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise ParameterFileError(f"cannot write {path}: {error.strerror or error}") from None
     try:
         with os.fdopen(handle, "wb") as tmp:
             tmp.write(blob)

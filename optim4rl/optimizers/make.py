@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
+import numbers
 import os
 import pathlib
 from typing import Any
@@ -45,6 +47,11 @@ def make_optimizer(spec: str, learning_rate: Any, grad_clip: float | None = None
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(f"optimizer spec must be a non-empty string, got {spec!r}")
+    check_step_size(learning_rate)
+    for what, clip in (("grad_clip", grad_clip), ("global_clip", global_clip)):
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, numbers.Real)
+                                 or not math.isfinite(clip)):
+            raise ConfigError(f"{what} must be a finite number or None (<= 0: off), got {clip!r}")
     name, has_source, source = spec.strip().partition(":")
     name = name.strip().lower()
     if not has_source and name in LEARNED:
@@ -58,6 +65,19 @@ def make_optimizer(spec: str, learning_rate: Any, grad_clip: float | None = None
     if clip_enabled(global_clip):
         tx = optax.chain(optax.clip_by_global_norm(global_clip), tx)
     return tx
+
+
+def check_step_size(learning_rate: Any) -> None:
+    """A step size is a positive finite number or an optax schedule (a callable of the step)."""
+    if callable(learning_rate):
+        return
+    try:
+        value = None if isinstance(learning_rate, (bool, str, bytes)) else float(learning_rate)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value) or not value > 0:
+        raise ConfigError(f"learning_rate must be a positive finite number or an optax schedule, "
+                          f"got {learning_rate!r}")
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -58,6 +58,27 @@ def list_pretrained() -> list[str]:
     return sorted(path.stem for path in PRETRAINED_DIR.glob("*.o4r"))
 
 
+def describe_pretrained() -> dict[str, str]:
+    """``"ARCH:NAME"`` (the spec to pass as ``--optimizer``) -> a one-line description, for every
+    shipped file, read from its provenance record ``NAME.json`` beside it."""
+    import json
+
+    described = {}
+    for name in list_pretrained():
+        record_path = PRETRAINED_DIR / f"{name}.json"
+        try:
+            record = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            record = {}
+        arch = record.get("optimizer") or "optim4rl"
+        scale = str(record.get("scale") or "").split(";")[0].split(" (")[0].strip()
+        trained_on = record.get("trained_on") or []
+        where = (", ".join(trained_on) if len(trained_on) <= 2 else f"{len(trained_on)} gridworlds")
+        described[f"{arch}:{name}"] = (f"meta-trained on {where}" if where else "meta-trained") + (
+            f" ({scale[:100]})" if scale else "")
+    return described
+
+
 def pretrained_path(name: str) -> pathlib.Path:
     """Path of a shipped pretrained optimizer; unknown name -> ConfigError listing the known."""
     path = PRETRAINED_DIR / f"{name}.o4r"
