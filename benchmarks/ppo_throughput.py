@@ -42,7 +42,7 @@ from optim4rl.agents import ppo  # noqa: E402
 
 
 def ppo_config(args) -> ppo.PPOConfig:
-    """SPEC §4's settings for the task, at the benchmark's sizes, without evaluation."""
+    """docs/paper_settings.md §4's settings for the task, at the benchmark's sizes, without evaluation."""
     paper = ppo.PPOConfig.paper(args.task)
     return paper.replace(
         env=args.task,

@@ -34,15 +34,19 @@ def list_presets() -> dict[str, str]:
 def load_preset(name: str) -> dict[str, Any]:
     """Loads a preset by name (``optim4rl/presets/NAME.toml``) or by path to a TOML file."""
     path = Path(name)
-    if not (path.suffix == ".toml" and path.exists()):
+    if not (path.suffix == ".toml" and (path.exists() or path.is_symlink())):
         path = PRESET_DIR / f"{name}.toml"
     if not path.exists():
         known = ", ".join(list_presets()) or "(none)"
         raise ConfigError(f"unknown preset {name!r}; known presets: {known}")
+    if path.is_dir():
+        raise ConfigError(f"preset {path} is a directory, not a TOML file")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"preset {path} is not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"preset {path} cannot be read: {getattr(exc, 'strerror', None) or exc}") from None
     data["_path"] = str(path)
     return data
 

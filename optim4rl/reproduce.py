@@ -1,4 +1,4 @@
-"""`optim4rl reproduce`: the paper's experiments (SPEC §5) as `compare` runs, plus a report.
+"""`optim4rl reproduce`: the paper's experiments (docs/paper_settings.md §5) as `compare` runs, plus a report.
 
 Experiments:
   a_big_dense_long  A2C on big_dense_long: Optim4RL vs Adam, RMSProp, L2L, Lin, STAR (all learned
@@ -7,7 +7,7 @@ Experiments:
                     tasks vs Adam and RMSProp.
   b_brax_reacher    (cpu budget only) the same on reacher, with Brax's published reacher settings
                     and 512k steps; in the paper budget reacher is one of b_brax's tasks.
-  b_brax_ant        (cpu budget only) the same on ant with 512k steps (SPEC §4's ant settings at
+  b_brax_ant        (cpu budget only) the same on ant with 512k steps (docs/paper_settings.md §4's ant settings at
                     128 envs); b_brax_humanoid and b_brax_walker2d likewise.
   c_gymnax          transfer beyond Brax: the grid6 optimizer with PPO on gymnax / MinAtar tasks.
   d_ablations       Optim4RL vs its ablations (raw gradient inputs; no pipeline training) on
@@ -87,7 +87,7 @@ def experiments(budget: str) -> list[Experiment]:
     seeds = 10 if paper else 5
     steps_grid = None if paper else 1_000_000
     # Hand-designed optimizers get a step-size sweep (the best is reported); learned ones run at
-    # the step size they were meta-trained with (SPEC §2: 3e-3 on big_dense_long).
+    # the step size they were meta-trained with (docs/paper_settings.md §2: 3e-3 on big_dense_long).
     adam, rmsprop = ("adam@3e-4,1e-3,3e-3", "rmsprop@3e-4,1e-3,3e-3") if paper else ("adam@1e-3,3e-3", "rmsprop@1e-3,3e-3")
     return [
         Experiment("a_big_dense_long", "Optim4RL vs baselines on big_dense_long (A2C)", "a2c",

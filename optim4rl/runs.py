@@ -32,7 +32,8 @@ _PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
 def code_version() -> dict[str, Any]:
-    """Package version plus the git commit of the source tree (when it is a git checkout).
+    """Package version plus the git commit of the source tree (when it is a git checkout; an
+    installed wheel records the package version only).
 
     ``OPTIM4RL_GIT_COMMIT``, when set, names the commit instead: set it when the tree was copied
     to another machine, whose .git (if any) may hold another state of the tree.
@@ -52,6 +53,10 @@ def code_version() -> dict[str, Any]:
 
 
 def _git_version(repo: Path) -> dict[str, Any]:
+    # Only a source checkout (the package beside the repository's .git) has a commit of its own;
+    # an installed wheel inside some other repository (a venv in a clone) must not claim one.
+    if not (repo / ".git").exists():
+        return {}
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
                                 timeout=5)

@@ -30,8 +30,8 @@ Callback = Callable[[dict[str, Any]], None]
 
 
 def default_learning_rate(agent: str, env: str) -> float:
-    """The step size a run gets when none is given: A2C 3e-3 (SPEC §4's best Adam step on the
-    gridworlds); PPO the task's step size in SPEC §4's table (walker2d 3e-5), else 3e-4."""
+    """The step size a run gets when none is given: A2C 3e-3 (docs/paper_settings.md §4's best Adam step on the
+    gridworlds); PPO the task's step size in docs/paper_settings.md §4's table (walker2d 3e-5), else 3e-4."""
     if agent == "ppo":
         from optim4rl.agents.ppo import PAPER_LEARNING_RATES, _task_name
 
@@ -90,7 +90,7 @@ def agent_module(agent: str):
 
 
 def default_agent_config(agent: str, env: str, scale: str = "cpu", **overrides):
-    """The paper's hyperparameters (SPEC §4) for `env`, at CPU or paper scale, with overrides."""
+    """The paper's hyperparameters (docs/paper_settings.md §4) for `env`, at CPU or paper scale, with overrides."""
     module = agent_module(agent)
     cls = module.PPOConfig if agent == "ppo" else module.A2CConfig
     if scale not in ("cpu", "paper"):

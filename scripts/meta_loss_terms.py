@@ -1,4 +1,4 @@
-"""Which term of the pipeline's meta-loss decides the step size? A diagnostic for SPEC §2.
+"""Which term of the pipeline's meta-loss decides the step size? A diagnostic for docs/paper_settings.md §2.
 
     python scripts/meta_loss_terms.py OPTIMIZER_FILE_OR_init [--env big_dense_long] [--envs 64]
         [--lr 3e-3] [--ages 0,5,25] [--agents 8] [--repeats 4]

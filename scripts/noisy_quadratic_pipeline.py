@@ -7,7 +7,7 @@ Every agent owns a quadratic over N coordinates, ``L(w) = Σ c_i (½ (w_i − t_
 with curvatures c spread over five orders of magnitude, targets t ~ N(0, 1), and a noise level
 ρ_i ∈ {0, 1, 10}; a fresh ξ ~ N(0, 1) is drawn for every gradient and for the meta-loss, so the
 gradient is ``c (w − t) + c ρ ξ``. Meta-training follows `optim4rl.meta.pipeline` exactly in
-structure (SPEC §2): a population of agents with staggered resets, K updates per meta-iteration
+structure (docs/paper_settings.md §2): a population of agents with staggered resets, K updates per meta-iteration
 with stop-gradient inputs, the (stochastic) loss after them as the meta-loss, the meta-gradient
 rescaled to norm 0.5, Adam 1e-3 on φ. Like an RL loss, the meta-loss is dominated by the
 coordinates with large curvature and by young agents, whose loss is largest.

@@ -1,5 +1,5 @@
-"""Agents: networks (SPEC §3), A2C and PPO losses against references, the make_train contract
-(determinism, seeds under vmap, chunks == one scan) and learning checks (SPEC §4)."""
+"""Agents: networks (docs/paper_settings.md §3), A2C and PPO losses against references, the make_train contract
+(determinism, seeds under vmap, chunks == one scan) and learning checks (docs/paper_settings.md §4)."""
 
 from __future__ import annotations
 
@@ -213,7 +213,7 @@ def test_ppo_loss_matches_brax():
         brax_statistics.init_state(specs.Array((obs_size,), jnp.dtype("float32"))), obs)
     np.testing.assert_allclose(ours_stats.std, brax_stats.std, rtol=1e-5)
 
-    cfg = ppo.PPOConfig()  # SPEC §4: clip 0.3, value weight 0.25, entropy 1e-2, reward scale 10
+    cfg = ppo.PPOConfig()  # docs/paper_settings.md §4: clip 0.3, value weight 0.25, entropy 1e-2, reward scale 10
     batch = ppo.PPOBatch(obs, raw_action, reward, done * (1 - truncation), truncation, log_prob, next_obs[:, -1])
     loss, aux = jax.jit(ppo.ppo_loss, static_argnums=(1, 2, 6))(params, net, NormalTanh(action_size), ours_stats,
                                                                    batch, key, cfg)
@@ -292,7 +292,7 @@ def test_configs_validate_and_presets_follow_spec():
     cpu = ppo.PPOConfig.cpu("ant")
     assert cpu.unroll_length == 5 and cpu.num_minibatches == 32 and cpu.num_envs == 128
     assert (cpu.batch_size * cpu.num_minibatches) % cpu.num_envs == 0
-    # reacher is not in SPEC §4's table: Brax's published settings, 4 physics steps per action.
+    # reacher is not in docs/paper_settings.md §4's table: Brax's published settings, 4 physics steps per action.
     reacher = ppo.PPOConfig.paper("reacher")
     assert (reacher.unroll_length, reacher.num_updates_per_batch, reacher.discounting,
             reacher.entropy_cost, reacher.reward_scaling, dict(reacher.env_kwargs)) == (
@@ -313,7 +313,7 @@ A2C_SEEDS = 3
 
 @pytest.fixture(scope="module")
 def a2c_catch():
-    """A2C + Adam on Catch (SPEC: 64 envs), 3 seeds vmapped, the whole run twice."""
+    """A2C + Adam on Catch (the paper: 64 envs), 3 seeds vmapped, the whole run twice."""
     cfg = a2c.A2CConfig(env="catch", total_steps=60_000, updates_per_chunk=16)
     train = a2c.make_train(cfg, optax.adam(1e-2))
     keys = jax.random.split(jax.random.key(0), A2C_SEEDS)

@@ -184,7 +184,7 @@ def test_default_step_sizes_follow_spec_per_task(tmp_path, monkeypatch):
     from optim4rl import compare, training
 
     assert training.default_learning_rate("a2c", "big_dense_long") == 3e-3
-    assert training.default_learning_rate("ppo", "walker2d") == 3e-5  # SPEC §4's walker2d row
+    assert training.default_learning_rate("ppo", "walker2d") == 3e-5  # docs/paper_settings.md §4's walker2d row
     assert training.default_learning_rate("ppo", "brax:ant") == 3e-4
     assert training.default_learning_rate("ppo", "CartPole-v1") == 3e-4
     # compare: an optimizer without "@LR" gets each task's own default, one run per task.

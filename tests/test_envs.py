@@ -1,4 +1,4 @@
-"""Environments: gridworld and Catch dynamics against SPEC §3, registry, Brax/gymnax adapters."""
+"""Environments: gridworld and Catch dynamics against docs/paper_settings.md §3, registry, Brax/gymnax adapters."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from optim4rl import envs
 from optim4rl.envs.gridworld import GRIDWORLDS, MOVES, Gridworld, GridworldState
 
-SPEC_MAPS = {  # SPEC §3 table: rows x cols including walls
+PAPER_MAPS = {  # docs/paper_settings.md §3 table: rows x cols including walls
     "small_sparse_short": (5, 10),
     "small_sparse_long": (10, 5),
     "small_dense_short": (6, 8),
@@ -76,10 +76,10 @@ def test_bad_options_name_the_option():
 
 
 # --- gridworlds: configuration ----------------------------------------------------------------
-@pytest.mark.parametrize("name", list(SPEC_MAPS))
+@pytest.mark.parametrize("name", list(PAPER_MAPS))
 def test_gridworld_matches_spec_table(name):
     env = envs.make(name)
-    rows, cols = SPEC_MAPS[name]
+    rows, cols = PAPER_MAPS[name]
     pairs = 1 if name.startswith("small") else 2
     p = 0.5 if "_dense_" in name else 0.05
     assert (env.rows, env.cols) == (rows, cols)

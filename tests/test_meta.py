@@ -1,4 +1,4 @@
-"""Pipeline meta-training (SPEC §2): schedule, meta-gradient, sharding, resume, NaN safety."""
+"""Pipeline meta-training (docs/paper_settings.md §2): schedule, meta-gradient, sharding, resume, NaN safety."""
 
 from __future__ import annotations
 
@@ -281,7 +281,7 @@ def test_agent_normalised_meta_gradient_is_the_mean_of_unit_norm_agent_gradients
     assert float(loss) == pytest.approx(np.mean(losses), rel=1e-4)
     # The unit-norm mean has norm at most 1 (equality only if all agents agree).
     assert 0.0 < float(optimizers_norm(grad)) <= 1.0 + 1e-5
-    # The task rule (SPEC §2) is the default, and an unknown rule is one clear error.
+    # The task rule (docs/paper_settings.md §2) is the default, and an unknown rule is one clear error.
     assert MetaConfig().meta_normalize == "task"
 
 

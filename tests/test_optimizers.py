@@ -20,7 +20,7 @@ from optim4rl.errors import ConfigError, ParameterFileError
 from optim4rl.optimizers import L2L, LEARNED, STAR, Lin, Optim4RL
 
 # --------------------------------------------------------------------------------------------
-# NumPy re-computation of the SPEC §1 formulas (float64), independent of the JAX code paths.
+# NumPy re-computation of the docs/paper_settings.md §1 formulas (float64), independent of the JAX code paths.
 # --------------------------------------------------------------------------------------------
 
 
@@ -236,7 +236,7 @@ def test_gradient_processing_loses_no_information():
     # With log_eps far below the smallest |g|, g is recovered over the whole range 1e-30..1e3.
     (sign_log, _), cases = Optim4RL(log_eps=1e-38).network_inputs(jnp.asarray(grads)), []
     cases.append((np.asarray(sign_log, np.float64).T, 1e-38, np.ones_like(grads, bool)))
-    # With the default log_eps = 1e-18 (SPEC), the same holds wherever |g| ≥ 1e-18.
+    # With the default log_eps = 1e-18 (the paper's value), the same holds wherever |g| ≥ 1e-18.
     default_inputs, _ = Optim4RL().network_inputs(jnp.asarray(grads))
     cases.append((np.asarray(default_inputs, np.float64).T, 1e-18, np.abs(grads) >= 1e-18))
     for pair, eps, where in cases:

@@ -47,7 +47,7 @@ def _final_score(spec: str, env: str, steps: int, seeds: int, lr: float, num_env
 
 
 def test_grid6_optimizer_beats_its_untrained_initialisation():
-    # small_dense_long at the step size it was meta-trained with (SPEC §2 table: 1e-3). Measured on
+    # small_dense_long at the step size it was meta-trained with (docs/paper_settings.md §2 table: 1e-3). Measured on
     # 2026-12-01: 3.93 against 0.47 (Adam 0.35); the earlier file, now grid6-scratch, scored 0.18.
     env, steps, seeds, lr = "small_dense_long", 64_000, 8, 1e-3
     trained = _final_score("optim4rl:grid6", env, steps, seeds, lr)

@@ -1,4 +1,4 @@
-"""Agents: A2C and PPO (networks, losses, ``make_train``), SPEC §3–§4.
+"""Agents: A2C and PPO (networks, losses, ``make_train``), docs/paper_settings.md §3–§4.
 
 ``a2c.make_train(cfg, tx)`` / ``ppo.make_train(cfg, tx)`` return a pure training run
 (``train(key)``, ``train.init``, ``train.run_chunk``); see docs/DESIGN.md.

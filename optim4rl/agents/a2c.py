@@ -1,4 +1,4 @@
-"""Advantage actor-critic (A2C) as used in the Optim4RL paper (SPEC §4).
+"""Advantage actor-critic (A2C) as used in the Optim4RL paper (docs/paper_settings.md §4).
 
 Each update collects a ``rollout_length``-step rollout (20) from ``num_envs`` environments
 (512 on gridworlds, 64 on Catch) and takes one optimizer step on
@@ -162,7 +162,7 @@ def td_lambda_returns(rewards: Array, discounts: Array, next_values: Array, lamb
 
 
 def a2c_loss(params, network, traj: Trajectory, last_obs: Array, cfg) -> tuple[Array, dict]:
-    """The A2C loss of SPEC §4 on one rollout; returns ``(loss, aux)``.
+    """The A2C loss of docs/paper_settings.md §4 on one rollout; returns ``(loss, aux)``.
 
     ``cfg`` needs ``gamma``, ``gae_lambda``, ``value_coef``, ``entropy_coef``, ``reward_scale``
     (an :class:`A2CConfig`, or anything with those attributes, e.g. a per-task override).

@@ -1,4 +1,4 @@
-"""Agent networks (SPEC §3): every network maps observations to ``(policy_output, value)``.
+"""Agent networks (docs/paper_settings.md §3): every network maps observations to ``(policy_output, value)``.
 
 ``policy_output`` parameterises the action distribution (logits, or ``[loc, pre_scale]`` for the
 tanh-Gaussian, see ``distributions.py``). Observations may carry any leading batch axes.
@@ -162,7 +162,7 @@ class SeparateActorCritic(nn.Module):
 
 
 def make_network(env) -> nn.Module:
-    """The paper's network for ``env`` (SPEC §3), chosen by its name and action space.
+    """The paper's network for ``env`` (docs/paper_settings.md §3), chosen by its name and action space.
 
     Discrete tasks get a shared-torso :class:`ActorCritic`; continuous tasks get Brax's PPO
     networks (:func:`make_ppo_network`).

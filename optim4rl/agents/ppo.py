@@ -8,7 +8,7 @@ One update ("training step" in Brax):
 3. ``num_updates_per_batch`` epochs: shuffle the sequences, split them into ``num_minibatches``
    minibatches of ``batch_size``, one optimizer step per minibatch on :func:`ppo_loss`.
 
-The loss (SPEC §4): GAE (λ 0.95) with Brax's truncation handling (a step cut by the time limit
+The loss (docs/paper_settings.md §4): GAE (λ 0.95) with Brax's truncation handling (a step cut by the time limit
 contributes no advantage and no value error), advantage normalisation, clipped surrogate
 (ε 0.3), value loss ``value_loss_coef · mean (V − V_target)²`` (0.25, Brax's ``0.5 · 0.5``), and
 an entropy bonus. Rewards are multiplied by ``reward_scaling`` in the loss. Continuous actions use
@@ -55,12 +55,12 @@ __all__ = [
     "ppo_rollout",
 ]
 
-# SPEC §4 table: the Adam/RMSProp step size of each paper task (the optimizer is built outside);
+# docs/paper_settings.md §4 table: the Adam/RMSProp step size of each paper task (the optimizer is built outside);
 # reacher's is Brax's published one.
 PAPER_LEARNING_RATES = {"ant": 3e-4, "humanoid": 3e-4, "inverted_double_pendulum": 3e-4, "walker2d": 3e-5,
                         "reacher": 3e-4}
 
-# SPEC §4 per-task PPO settings.
+# docs/paper_settings.md §4 per-task PPO settings.
 _PAPER = {
     "ant": dict(total_steps=100_000_000, num_envs=4096, batch_size=2048, num_minibatches=32, unroll_length=5,
                 num_updates_per_batch=4, entropy_cost=1e-2, discounting=0.97, reward_scaling=10.0),
@@ -72,7 +72,7 @@ _PAPER = {
     "walker2d": dict(total_steps=50_000_000, num_envs=2048, batch_size=512, num_minibatches=32, unroll_length=20,
                      num_updates_per_batch=8, entropy_cost=1e-3, discounting=0.997, reward_scaling=5.0),
 }
-# Tasks outside SPEC §4's table with published Brax PPO settings (Brax's training notebook).
+# Tasks outside docs/paper_settings.md §4's table with published Brax PPO settings (Brax's training notebook).
 _BRAX_PUBLISHED = {
     "reacher": dict(total_steps=50_000_000, num_envs=2048, batch_size=256, num_minibatches=32, unroll_length=50,
                     num_updates_per_batch=8, entropy_cost=1e-3, discounting=0.95, reward_scaling=5.0,
@@ -94,7 +94,7 @@ _CPU_OVERRIDES = {"reacher": dict(num_minibatches=4),  # 128 envs x 4 x 50 = 25,
 
 
 def _task_settings(env: str) -> dict:
-    """The task's PPO settings: SPEC §4's table, else Brax's published ones, else a family default."""
+    """The task's PPO settings: docs/paper_settings.md §4's table, else Brax's published ones, else a family default."""
     task = _task_name(env)
     settings = _PAPER.get(task) or _BRAX_PUBLISHED.get(task)
     return dict(settings or (_DISCRETE_DEFAULT if _is_discrete_task(env) else _CONTINUOUS_DEFAULT))
@@ -188,7 +188,7 @@ class PPOConfig:
 
     @classmethod
     def paper(cls, env: str = "inverted_double_pendulum", **overrides) -> "PPOConfig":
-        """SPEC §4's settings for ``env`` (GPU budgets): 20 evaluations on 128 envs."""
+        """docs/paper_settings.md §4's settings for ``env`` (GPU budgets): 20 evaluations on 128 envs."""
         base = _task_settings(env)
         base.update(num_eval_envs=128)
         return cls(env=env, **_with_chunking({**base, **overrides}, _PAPER_NUM_EVALS, overrides))

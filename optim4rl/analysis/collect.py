@@ -1,4 +1,4 @@
-"""Recording agent-gradients during ordinary training (SPEC §5.4), and the report built on them.
+"""Recording agent-gradients during ordinary training (docs/paper_settings.md §5.4), and the report built on them.
 
 The paper's gradient analysis (Lan et al. 2023, Sec. 4) needs the gradients an agent actually sees
 while it learns. Rather than instrument the trainers, :func:`recording` wraps the optimizer: it is

@@ -1,4 +1,4 @@
-"""Agent-gradient analysis (SPEC §5.4): distributions, their drift over training, the file format.
+"""Agent-gradient analysis (docs/paper_settings.md §5.4): distributions, their drift over training, the file format.
 
 The paper's argument (Lan et al. 2023, Sec. 4) is that RL agent-gradients differ from supervised
 ones: their magnitudes span many orders of magnitude (hence the `[sign g, log|g|]` processing) and

@@ -83,7 +83,8 @@ def _save(figure, path: Paths, tight_layout: bool = True) -> list[Path]:
     written = []
     for target in _targets(path):
         target.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(target)  # the layout engine already fits everything in
+        # bbox "tight" keeps a title wider than a narrow figure (few optimizers) from being clipped.
+        figure.savefig(target, bbox_inches="tight")
         written.append(target)
     return written
 
@@ -122,8 +123,9 @@ def plot_learning_curves(
         band = stats.curve_band(y, confidence, n_resamples)
         n_seeds = y.shape[0]
         label = f"{name} (n={n_seeds})"
+        # A run with one logged point draws a marker: a line through one point is invisible.
         axes.plot(x, band.mean, color=_color(index), linestyle=_linestyle(index), lw=1.8,
-                  label=label)
+                  label=label, marker="o" if x.size == 1 else None)
         if n_seeds > 1:
             axes.fill_between(x, band.low, band.high, color=_color(index), alpha=0.2, lw=0)
     axes.set_xlabel(xlabel)

@@ -1,4 +1,4 @@
-"""Statistics for comparing optimizers across seeds and tasks (SPEC §5.5, `optim4rl compare`).
+"""Statistics for comparing optimizers across seeds and tasks (docs/paper_settings.md §5.5, `optim4rl compare`).
 
 Scores follow the paper: one score per seed, the mean of the last logged returns. Intervals are
 percentile-bootstrap intervals (90% by default, as in the paper); significance against a reference

@@ -1,4 +1,4 @@
-"""Catch (bsuite / Osband et al. 2020), as used in the Optim4RL paper (SPEC §3).
+"""Catch (bsuite / Osband et al. 2020), as used in the Optim4RL paper (docs/paper_settings.md §3).
 
 A 10 x 5 board; a ball starts in the top row at a random column and falls one row per step;
 the paddle moves along the bottom row (actions: 0 left, 1 stay, 2 right). When the ball reaches

@@ -1,4 +1,4 @@
-"""The eight gridworlds of the Optim4RL paper (SPEC §3), after Oh et al. 2020 ("Discovering
+"""The eight gridworlds of the Optim4RL paper (docs/paper_settings.md §3), after Oh et al. 2020 ("Discovering
 Reinforcement Learning Algorithms", the LPG gridworlds).
 
 A rectangular room bordered by walls holds the agent and a few objects. Each object is a triple
@@ -65,7 +65,7 @@ def _objects(num_pairs: int, respawn_prob: float) -> tuple[tuple[float, float, f
 DENSE, SPARSE = 0.5, 0.05
 SHORT, LONG = 50, 500
 
-# name -> (rows, cols incl. walls, pairs of (+1, -1) objects, respawn prob, time limit); SPEC §3.
+# name -> (rows, cols incl. walls, pairs of (+1, -1) objects, respawn prob, time limit); docs/paper_settings.md §3.
 GRIDWORLDS: dict[str, tuple[int, int, int, float, int]] = {
     "small_sparse_short": (5, 10, 1, SPARSE, SHORT),
     "small_sparse_long": (10, 5, 1, SPARSE, LONG),
@@ -232,7 +232,7 @@ def _sample_distinct(u, excluded, n, active):
 
 
 def make_gridworld(name: str, **overrides) -> Gridworld:
-    """The SPEC §3 gridworld ``name``; ``overrides`` replace fields (e.g. ``max_steps``)."""
+    """The docs/paper_settings.md §3 gridworld ``name``; ``overrides`` replace fields (e.g. ``max_steps``)."""
     rows, cols, pairs, respawn_prob, max_steps = GRIDWORLDS[name]
     fields = dict(
         layout=bordered_layout(rows, cols),

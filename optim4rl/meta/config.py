@@ -1,4 +1,4 @@
-"""Configuration of pipeline meta-training (SPEC §2)."""
+"""Configuration of pipeline meta-training (docs/paper_settings.md §2)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class MetaConfig:
     grad_clip: float | None = 1.0  # elementwise clip of agent gradients before the optimizer
     meta_learning_rate: float = 1e-3
     meta_max_norm: float | None = 0.5  # per-task meta-gradient rescaled to this norm (None: off)
-    # "task": the mean of the agents' meta-gradients (SPEC §2). "agent": each agent's meta-gradient
+    # "task": the mean of the agents' meta-gradients (docs/paper_settings.md §2). "agent": each agent's meta-gradient
     # is first scaled to unit norm, so agents of every age weigh the same (not in the paper).
     meta_normalize: Literal["task", "agent"] = "task"
     meta_grad_clip: float | None = None  # elementwise clip before the meta-optimizer

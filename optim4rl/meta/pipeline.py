@@ -1,4 +1,4 @@
-"""Pipeline meta-training of a learned optimizer (Optim4RL paper §4.3, SPEC §2).
+"""Pipeline meta-training of a learned optimizer (Optim4RL paper §4.3, docs/paper_settings.md §2).
 
 Pure functions over explicit state, so that a whole chunk of meta-iterations is one jitted
 `lax.scan`:
@@ -49,7 +49,7 @@ class MetaState(NamedTuple):
 
 
 def reset_offsets(num_agents: int, reset_interval: int) -> np.ndarray:
-    """Agent j resets when `t % reset_interval == offsets[j]` (SPEC §2)."""
+    """Agent j resets when `t % reset_interval == offsets[j]` (docs/paper_settings.md §2)."""
     return np.linspace(0, reset_interval - 1, num_agents).astype(np.int32)
 
 
@@ -174,7 +174,7 @@ class MetaTrainer:
             params, opt_state, env_state, obs, last_return = carry
             frozen = jax.lax.stop_gradient(params)
             env_state, next_obs, traj = a2c.rollout(k, net, frozen, env, env_state, obs, cfg.rollout_length)
-            # The optimizer's input is a constant for meta-differentiation (SPEC §1).
+            # The optimizer's input is a constant for meta-differentiation (docs/paper_settings.md §1).
             grads = jax.grad(lambda p: a2c.a2c_loss(p, net, traj, next_obs, acfg)[0])(frozen)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
@@ -228,7 +228,7 @@ class MetaTrainer:
             (loss, (new_pop, monitors)), grad = jax.value_and_grad(mean_loss, has_aux=True)(phi)
         norm = optax.global_norm(grad)
         if self.cfg.meta_max_norm:
-            # Normalised, not clipped: every task contributes a step of the same size (SPEC §2).
+            # Normalised, not clipped: every task contributes a step of the same size (docs/paper_settings.md §2).
             grad = jax.tree.map(lambda g: g * (self.cfg.meta_max_norm / (norm + 1e-12)), grad)
         return grad, new_pop, loss, norm, monitors
 

@@ -15,7 +15,7 @@ batch ``[N, features]``, and the result is unflattened. Each subclass only write
 
 The gradient (and, for STAR, the parameters) enter the network through ``stop_gradient``: when
 meta-training differentiates a loss through ``tx.update`` with respect to ``φ``, there are no
-second-order terms (SPEC §1, §2).
+second-order terms (docs/paper_settings.md §1, §2).
 
 On CPU the recurrent optimizers run their network through :func:`coordinatewise`, in
 cache-sized blocks of coordinates with a block-wise recomputing backward pass.

@@ -2,7 +2,7 @@
 
 All three keep one GRU state per scalar parameter (zeros at init) and share their weights ``φ``
 across coordinates. They differ in what the GRU reads and in how its output becomes an update
-(SPEC §1; Lan et al., "Learning to Optimize for Reinforcement Learning", arXiv 2302.01470).
+(docs/paper_settings.md §1; Lan et al., "Learning to Optimize for Reinforcement Learning", arXiv 2302.01470).
 
 Each ``step`` hands a coordinate-wise ``_network`` to :func:`~optim4rl.optimizers.base.coordinatewise`,
 which runs it in cache-sized blocks on CPU; the networks therefore take columns ``[..., N]`` /
@@ -57,7 +57,7 @@ class Optim4RLState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Optim4RL(LearnedOptimizer):
-    """Optim4RL: an RNN optimizer with Adam's inductive bias built in (SPEC §1).
+    """Optim4RL: an RNN optimizer with Adam's inductive bias built in (docs/paper_settings.md §1).
 
     GRU-1 reads the processed gradient and, through an MLP head, gives ``o1``; GRU-2 reads the
     processed squared gradient and gives ``o2``. Then ``m = sign(g)·exp(o1)``, ``v = exp(o2)`` and
@@ -81,7 +81,7 @@ class Optim4RL(LearnedOptimizer):
         such as 0.1 keeps the inputs of order one and loses no information; on its own it did not
         make CPU-scale meta-training use |g| (docs/DESIGN.md).
       sign_flip: the public reference code's learned sign (off by default, as in the paper and
-        SPEC §1). GRU-1's head gives two outputs; the first becomes ``s = sign(tanh(o + sign_bias))``
+        docs/paper_settings.md §1). GRU-1's head gives two outputs; the first becomes ``s = sign(tanh(o + sign_bias))``
         in the forward pass, with the gradient of ``tanh`` (straight-through), and
         ``m = s · sign(g) · exp(o1)``. The optimizer may then step *against* the current gradient
         where its history says the sign is noise, a momentum-like move the paper's form cannot

@@ -71,7 +71,7 @@ def describe_pretrained() -> dict[str, str]:
         except (OSError, ValueError):
             record = {}
         arch = record.get("optimizer") or "optim4rl"
-        scale = str(record.get("scale") or "").split(";")[0].split(" (")[0].strip()
+        scale = str(record.get("scale") or "").split(";")[0].split(" (")[0].split(" with ")[0].strip()
         trained_on = record.get("trained_on") or []
         where = (", ".join(trained_on) if len(trained_on) <= 2 else f"{len(trained_on)} gridworlds")
         described[f"{arch}:{name}"] = (f"meta-trained on {where}" if where else "meta-trained") + (
