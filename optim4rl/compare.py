@@ -176,7 +176,8 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 scores = np.asarray([np.nan if s is None else s for s in _score_list(summary, spec.agent)])
                 rows = read_csv(run_dir / "metrics.csv")
                 x, y = _curve(rows, spec)
-                sweep.setdefault(label, {})[lr] = float(np.nanmean(scores))
+                sweep.setdefault(label, {})[lr] = (float(np.nanmean(scores)) if np.isfinite(scores).any()
+                                                   else float("nan"))
                 for seed, score, final in zip(summary["seeds"], scores, summary["final_return_per_seed"]):
                     results_rows.append({"task": env, "optimizer": label, "learning_rate": lr, "seed": seed,
                                          "score": float(score), "final_return": final, "selected": False,

@@ -90,7 +90,11 @@ class MetaTrainer:
             raise ConfigError(
                 f"unknown learned optimizer {cfg.optimizer!r}; known: {', '.join(optimizers.LEARNED)}"
             )
-        self.opt = optimizers.LEARNED[cfg.optimizer](**dict(cfg.optimizer_options))
+        from optim4rl import config as config_lib
+
+        # Strict: an unknown or ill-typed architecture field is one line, not a TypeError.
+        self.opt = config_lib.from_dict(optimizers.LEARNED[cfg.optimizer], dict(cfg.optimizer_options),
+                                        "optimizer_options")
         self.init_phi = None
         if cfg.init_from:
             opt, self.init_phi, _ = optimizers.learned_from_spec(f"{cfg.optimizer}:{cfg.init_from}")
