@@ -547,7 +547,10 @@ _EXTRA_COMMANDS.append(register_compare)
 
 def cmd_gradients(args) -> int:
     from optim4rl import config as config_lib
+    from optim4rl import envs
     from optim4rl.analysis import collect
+    from optim4rl.optimizers import make_optimizer
+    from optim4rl.runs import check_writable_dir
 
     modes = [m for m in ("env", "supervised", "compare") if getattr(args, m)]
     if len(modes) != 1:
@@ -562,7 +565,7 @@ def cmd_gradients(args) -> int:
         raise ConfigError(f"--snapshots ({args.snapshots}) must be at least --phases ({args.phases})")
 
     if args.compare:
-        out = _out_dir(args, "gradients-compare")
+        out = check_writable_dir(_out_dir(args, "gradients-compare"))
         identity_steps = 0 if args.no_identity else args.identity_steps
         print(f"optim4rl gradients: comparing {len(args.compare)} recorded run(s) -> {out}",
               file=sys.stderr)
@@ -580,7 +583,8 @@ def cmd_gradients(args) -> int:
         lr = args.lr if args.lr is not None else 1e-3
         clip = None if args.grad_clip is None or args.grad_clip <= 0 else args.grad_clip
         steps = args.steps if args.steps is not None else 3000
-        out = _out_dir(args, f"gradients-supervised-{args.supervised}-{optimizer}")
+        out = check_writable_dir(_out_dir(args, f"gradients-supervised-{args.supervised}-{optimizer}"))
+        make_optimizer(optimizer, lr, grad_clip=clip)
         print(f"optim4rl gradients: MLP on {args.supervised} with {optimizer} (lr {lr:g}), "
               f"{steps:,} minibatch steps of {args.batch_size} -> {out}", file=sys.stderr)
         bar = Progress(f"supervised/{args.supervised}", unit="example")
@@ -603,7 +607,10 @@ def cmd_gradients(args) -> int:
             if len(keys) != 1:
                 raise ConfigError(f"--set {item!r}: agent settings are flat (agent.KEY=VALUE)")
             overrides[keys[0]] = value
-        out = _out_dir(args, f"gradients-{agent}-{args.env}-{optimizer.replace(':', '_').replace('/', '_')}")
+        out = check_writable_dir(
+            _out_dir(args, f"gradients-{agent}-{args.env}-{optimizer.replace(':', '_').replace('/', '_')}"))
+        envs.env_family(args.env)
+        make_optimizer(optimizer, lr, grad_clip=clip)
         print(f"optim4rl gradients: {agent} on {args.env} with {optimizer} (lr {lr:g}) -> {out}",
               file=sys.stderr)
         bar = Progress(f"{agent}/{args.env}")

@@ -217,6 +217,8 @@ def claim_run_dir(path: Path | str, config: Any, *, resume: bool = False, overwr
         if present:
             raise Optim4RLError(f"{path} holds files of an unrecorded run ({', '.join(present)}); "
                                 "use --overwrite to replace them or choose another --out")
+        if path.exists():
+            _remove_stale_tmp(path)
         return "fresh"
     diffs = config_differences(recorded, wanted)
     extended = [d for d in diffs if d in (extendable or {})]

@@ -143,6 +143,10 @@ def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, MetaParams, dict[st
     if architecture not in LEARNED:
         raise ParameterFileError(f"{path}: unknown optimizer architecture '{architecture}' "
                                  f"(known: {', '.join(LEARNED)})")
+    missing = _missing_config_fields(architecture, header["config"])
+    if missing:
+        raise ParameterFileError(f"{path}: the {architecture} config in the file lacks "
+                                 f"{', '.join(missing)}; refusing to guess their values")
     try:
         opt = LEARNED[architecture].from_config(header["config"])
     except (TypeError, ValueError) as error:
@@ -172,6 +176,19 @@ def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, MetaParams, dict[st
     leaves = [jnp.asarray(arrays[name], jnp.float32) for name, _ in expected_named]
     phi = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(abstract), leaves)
     return opt, phi, header["info"]
+
+
+# Architecture fields added after files were first written, whose defaults reproduce exactly what
+# those older files computed; a file may lack these, and no others.
+_FIELDS_ADDED_LATER = {"optim4rl": frozenset({"log_scale", "sign_bias", "sign_flip"})}
+
+
+def _missing_config_fields(architecture: str, config: dict) -> list[str]:
+    import dataclasses
+
+    fields = [f.name for f in dataclasses.fields(LEARNED[architecture]) if f.init]
+    later = _FIELDS_ADDED_LATER.get(architecture, frozenset())
+    return [name for name in fields if name not in config and name not in later]
 
 
 def _parse_header(path: pathlib.Path, header_bytes: bytes) -> dict[str, Any]:
