@@ -28,7 +28,7 @@ import numpy as np
 from optim4rl import training
 from optim4rl.config import check_numbers
 from optim4rl.errors import ConfigError
-from optim4rl.runs import RunDir, check_writable_dir, read_csv, recorded_config, to_jsonable, write_json
+from optim4rl.runs import RunDir, check_writable_dir, config_differences, read_csv, recorded_config, to_jsonable, write_json
 
 @dataclass(frozen=True)
 class CompareSpec:
@@ -113,7 +113,7 @@ def _finished(run_dir: Path, expected: dict) -> bool:
         recorded = json.loads(config.read_text())["config"]
     except (json.JSONDecodeError, KeyError):
         return False
-    return recorded == to_jsonable(expected)
+    return not config_differences(recorded, to_jsonable(expected))
 
 
 def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | None = None,
@@ -166,7 +166,7 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 if not skipped:
                     # A killed run of the same config resumes; anything else in its place is stale.
                     resumable = (run_dir / "checkpoint.msgpack").exists() and \
-                        recorded_config(run_dir) == to_jsonable(expected)
+                        not config_differences(recorded_config(run_dir), to_jsonable(expected))
                     training.run(train_spec, agent_cfg, run_dir, plot=False, resume=resumable,
                                  overwrite=not resumable)
                 done_runs += 1

@@ -165,12 +165,19 @@ def check_writable_file(path: Path | str, what: str = "--out") -> Path:
     return path
 
 
+# Config fields that decide when a run saves, not what it computes: a run resumed or reused with
+# other values is the same run.
+BOOKKEEPING_KEYS = frozenset({"checkpoint_every_s", "checkpoint_every_chunks"})
+
+
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two JSON-like configs."""
+    """Dotted keys whose values differ between two JSON-like configs (bookkeeping keys aside)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         keys = list(dict.fromkeys([*old, *new]))
         diffs = []
         for k in keys:
+            if k in BOOKKEEPING_KEYS:
+                continue
             diffs += config_differences(old.get(k, "<absent>"), new.get(k, "<absent>"),
                                         f"{prefix}{k}.")
         return diffs
