@@ -202,3 +202,28 @@ def test_meta_resume_checks_the_config_and_may_extend_iterations(tmp_path, capsy
     record = json.loads((tmp_path / "m" / "config.json").read_text())
     assert record["config"]["iterations"] == 3 and record["extended_from_iterations"] == 2
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["iterations"] == 3
+
+
+def test_every_command_and_option_is_described():
+    import argparse
+
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {c.dest for c in subparsers._choices_actions} == set(subparsers.choices)
+    for choice in subparsers._choices_actions:
+        assert choice.help, choice.dest
+    for name, sub in subparsers.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}"
+    help_text = subparsers.choices["meta-train"].format_help()
+    assert "big_dense_long-64env" in help_text and "catch-cpu" in help_text
+
+
+def test_list_pretrained_names_each_file_by_its_architecture(capsys):
+    assert cli.main(["list", "pretrained"]) == 0
+    out = capsys.readouterr().out
+    assert "l2l:l2l-big_dense_long" in out and "star:star-big_dense_long" in out
+    assert "optim4rl:grid6 " in out
