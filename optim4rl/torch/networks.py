@@ -128,7 +128,7 @@ def star_update(phi: dict, config: dict, grads: Tensor, params: Tensor, momentum
     of a loop over tensors.
     """
     g = grads[None]
-    g_square = torch.square(g)
+    g_square = g * g
     decay_m = _learned_decay(config["momentum_decays"], phi["momentum_decay_shift"])[:, None]
     # As in learned_optimization, only the second-moment decays are clipped to [0, 1].
     decay_r = _learned_decay(config["rms_decays"], phi["rms_decay_shift"]).clamp(0.0, 1.0)[:, None]
@@ -145,12 +145,13 @@ def star_update(phi: dict, config: dict, grads: Tensor, params: Tensor, momentum
         g, params[None], momentum, rms, momentum * rsqrt_rms, rsqrt_rms,
         g * torch.rsqrt(torch.clamp_min(adafactor + 1e-9, 1e-9)),
         adafactor, adafactor, rsqrt_adafactor, rsqrt_adafactor,
-        momentum * (adafactor + 1e-6) ** -0.5,
+        momentum * torch.rsqrt(adafactor + 1e-6),  # JAX writes ** -0.5: equal up to rounding
     ])
-    # Each feature is divided by its root mean square over the coordinates of its tensor. The sums
-    # run in float64: a float32 running sum over a large tensor would drift from JAX's tree sum.
+    # Each feature is divided by its root mean square over the coordinates of its tensor. The
+    # squares are float32, as in JAX; their sums run in float64, since a float32 running sum over
+    # a large tensor would drift from JAX's tree sum by more than the tolerance of the tests.
     lengths = sizes.expand(features.shape[0], -1)
-    sums = torch.segment_reduce(torch.square(features.double()), "sum", lengths=lengths, axis=1)
+    sums = torch.segment_reduce((features * features).double(), "sum", lengths=lengths, axis=1)
     scale = torch.rsqrt(1e-5 + (sums / sizes).float())
     features.mul_(torch.repeat_interleave(scale, sizes, dim=1, output_size=features.shape[1]))
 
