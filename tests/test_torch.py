@@ -188,8 +188,7 @@ def test_float32_training_trajectory_matches_jax():
 def test_parameter_groups_have_their_own_lr_and_clip():
     opt, phi, _ = optimizers.load(ROOT / "optim4rl" / "pretrained" / "grid6.o4r")
     stream = gradient_stream(2)
-    first, second = stream_for = [g[:2] for g in stream], [g[2:] for g in stream]
-    del stream_for
+    first, second = [g[:2] for g in stream], [g[2:] for g in stream]
     params = [torch.zeros(s, requires_grad=True) for s in SHAPES]
     optimizer = ot.Optim4RL([{"params": params[:2]},
                              {"params": params[2:], "lr": 1e-2, "grad_clip": 1e-4}], lr=3e-3)
@@ -254,8 +253,7 @@ def test_state_dict_round_trip_continues_identically(name):
 def test_state_is_per_parameter_and_float32_and_resets():
     model = small_model().to(torch.float64)
     optimizer = ot.Optim4RL(model.parameters(), lr=1e-3)
-    train_steps_double = [p for p in model.parameters()]
-    for p in train_steps_double:
+    for p in model.parameters():
         p.grad = torch.ones_like(p)
     optimizer.step()
     weight = model[0].weight
