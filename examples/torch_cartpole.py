@@ -3,7 +3,7 @@
 A CleanRL-style single file: a PPO agent (Schulman et al. 2017) whose only change between the two
 runs is the optimizer,
 
-    optim4rl.torch.Optim4RL(agent.parameters(), lr=..., file="optim4rl:grid6")   # learned (JAX-trained φ)
+    optim4rl.torch.Optim4RL(agent.parameters(), lr=..., file="optim4rl:grid6")  # φ trained in JAX
     torch.optim.Adam(agent.parameters(), lr=..., eps=1e-5)
 
 The grid6 optimizer was meta-trained in JAX on six gridworlds with A2C (Lan et al., "Learning to

@@ -258,7 +258,8 @@ def test_state_is_per_parameter_and_float32_and_resets():
     optimizer.step()
     weight = model[0].weight
     state = optimizer.state[weight]
-    assert state["hidden_m"].shape == (8, *weight.shape) and state["hidden_m"].dtype == torch.float32
+    assert state["hidden_m"].shape == (8, *weight.shape)
+    assert state["hidden_m"].dtype == torch.float32
     assert float(state["step"]) == 1.0
     # A parameter without a gradient is left alone, state included.
     before = model[2].bias.detach().clone()

@@ -88,7 +88,7 @@ def star_num_features(config: dict[str, Any]) -> int:
 
 
 def meta_shapes(architecture: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """``{"gru_m/wi": (2, 24), ...}``: every meta-parameter tensor φ holds, as in the JAX classes."""
+    """``{"gru_m/wi": (2, 24), ...}``: every tensor of φ, as the JAX classes' ``meta_shapes``."""
     def gru(prefix, in_size, hidden):
         return {f"{prefix}/wi": (in_size, 3 * hidden), f"{prefix}/wh": (hidden, 3 * hidden),
                 f"{prefix}/b": (3 * hidden,), f"{prefix}/bhn": (hidden,)}

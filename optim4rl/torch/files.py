@@ -50,7 +50,7 @@ def pretrained_names() -> list[str]:
 def resolve(source: str | os.PathLike) -> tuple[str | None, str]:
     """``(architecture named in the spec or None, source)`` of a file spec.
 
-    ``"optim4rl:grid6"`` -> ``("optim4rl", "grid6")``; ``"runs/x/optimizer.o4r"`` -> ``(None, ...)``.
+    ``"optim4rl:grid6"`` -> ``("optim4rl", "grid6")``; ``"runs/x/opt.o4r"`` -> ``(None, ...)``.
     A prefix that is not an architecture name (``C:\\opt.o4r``) is part of the path.
     """
     if isinstance(source, os.PathLike):

@@ -115,8 +115,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._init_caches()
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(file={self.file!r}, config={self.config}, "
-                f"groups={[{k: v for k, v in g.items() if k != 'params'} for g in self.param_groups]})")
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return f"{type(self).__name__}(file={self.file!r}, config={self.config}, groups={groups})"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _check_lr(param_group.get("lr", self.defaults["lr"]))
@@ -202,8 +202,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         columns: dict[str, list[Tensor]] = {name: [] for name in self._state_sizes}
         for i, p in enumerate(params):
             state = self.state[p]
-            if not state:
-                state["step"] = torch.tensor(0.0)
+            state.setdefault("step", torch.tensor(0.0))
             for name, size in self._state_sizes.items():
                 value = state.get(name)
                 if value is None:
