@@ -72,7 +72,7 @@ def run_jax(opt, phi, lr, grad_clip, stream, params):
     history = []
     for grads in stream:
         updates, state = update([jnp.asarray(g) for g in grads], state, params)
-        history.append(([np.asarray(p) for p in params], [np.asarray(u) for u in updates],
+        history.append(([np.array(p) for p in params], [np.array(u) for u in updates],
                         {k: np.asarray(v) for k, v in state._asdict().items() if k != "count"}))
         params = optax.apply_updates(params, updates)
     return history
