@@ -1,0 +1,184 @@
+"""Reading ``.o4r`` learned-optimizer files without JAX: architecture, config, φ, provenance.
+
+The format (docs/optimizer_file_format.md) is a fixed preamble, a JSON header and raw little-endian
+float32 tensors, so a JSON parser and ``numpy.frombuffer`` suffice. This reader performs the same
+checks as :func:`optim4rl.optimizers.load` and raises the same one-line
+:class:`~optim4rl.errors.ParameterFileError` messages; it only imports NumPy.
+
+Sources are named as in :func:`optim4rl.make_optimizer`: ``"ARCH:NAME"`` for a shipped
+pretrained file (``"optim4rl:grid6"`` reads ``optim4rl/pretrained/grid6.o4r``), ``"ARCH:PATH.o4r"``
+or just a path for a file of your own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import json
+import os
+import pathlib
+import struct
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from optim4rl.errors import ConfigError, ParameterFileError
+from optim4rl.torch.architectures import ARCHITECTURES, check_config, meta_shapes
+
+MAGIC = b"\x89O4R\r\n\x1a\n"
+FORMAT_VERSION = 1
+_PREAMBLE = struct.Struct("<8sIQ")  # magic, format version, header length
+
+
+class O4RFile(NamedTuple):
+    """What a ``.o4r`` file holds, read without JAX."""
+
+    architecture: str  # "optim4rl", "l2l", "lin" or "star"
+    config: dict  # every architecture field, defaults filled in for fields the file predates
+    tensors: dict  # "gru_m/wi" -> float32 numpy array, in the file's order
+    info: dict  # provenance written by whoever saved the file
+    path: str
+    sha256: str  # of the tensor data (the header's data_sha256)
+
+
+def pretrained_names() -> list[str]:
+    """Names of the shipped pretrained files (``optim4rl/pretrained/NAME.o4r``)."""
+    folder = importlib.resources.files("optim4rl").joinpath("pretrained")
+    return sorted(entry.name[:-4] for entry in folder.iterdir() if entry.name.endswith(".o4r"))
+
+
+def resolve(source: str | os.PathLike) -> tuple[str | None, str]:
+    """``(architecture named in the spec or None, source)`` of a file spec.
+
+    ``"optim4rl:grid6"`` -> ``("optim4rl", "grid6")``; ``"runs/x/opt.o4r"`` -> ``(None, ...)``.
+    A prefix that is not an architecture name (``C:\\opt.o4r``) is part of the path.
+    """
+    if isinstance(source, os.PathLike):
+        return None, os.fspath(source)
+    if not isinstance(source, str) or not source.strip():
+        raise ConfigError(f"file must be a path or a spec such as 'optim4rl:grid6', got {source!r}")
+    prefix, sep, rest = source.strip().partition(":")
+    if sep and prefix.strip().lower() in ARCHITECTURES:
+        rest = rest.strip()
+        if not rest:
+            raise ConfigError(f"'{source}': give a source after the colon: PATH.o4r or a "
+                              f"pretrained name ({', '.join(pretrained_names())})")
+        return prefix.strip().lower(), rest
+    return None, source.strip()
+
+
+def read(source: str | os.PathLike) -> O4RFile:
+    """Read a ``.o4r`` file named by a path, ``"ARCH:PATH"`` or ``"ARCH:PRETRAINED"``."""
+    spec_architecture, source = resolve(source)
+    looks_like_path = source.endswith(".o4r") or os.sep in source or "/" in source
+    if looks_like_path or os.path.isfile(source):
+        path = pathlib.Path(source)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise ParameterFileError(f"{path}: no such optimizer parameter file") from None
+        except OSError as error:
+            raise ParameterFileError(f"{path}: cannot read: {error.strerror or error}") from None
+    else:
+        entry = importlib.resources.files("optim4rl").joinpath("pretrained", f"{source}.o4r")
+        if not entry.is_file():
+            raise ConfigError(f"unknown pretrained optimizer '{source}' (pretrained: "
+                              f"{', '.join(pretrained_names())}); give a path ending in .o4r for "
+                              "a file of your own")
+        path, raw = pathlib.Path(str(entry)), entry.read_bytes()
+    loaded = parse(raw, str(path))
+    if spec_architecture is not None and loaded.architecture != spec_architecture:
+        raise ParameterFileError(f"{path}: holds a '{loaded.architecture}' optimizer, not "
+                                 f"'{spec_architecture}' (use '{loaded.architecture}:{source}')")
+    return loaded
+
+
+def parse(raw: bytes, path: str = "<bytes>") -> O4RFile:
+    """Check and decode the bytes of a ``.o4r`` file (``path`` only names it in errors)."""
+    if not raw:
+        raise ParameterFileError(f"{path}: empty file, not an optimizer parameter file (.o4r)")
+    if raw[:len(MAGIC)] != MAGIC[:len(raw)]:
+        raise ParameterFileError(f"{path}: not an optimizer parameter file (.o4r): bad magic bytes")
+    if len(raw) < _PREAMBLE.size:
+        raise ParameterFileError(f"{path}: truncated .o4r file ({len(raw)} bytes, shorter than "
+                                 "its fixed preamble)")
+    _, version, header_length = _PREAMBLE.unpack_from(raw)
+    if version != FORMAT_VERSION:
+        raise ParameterFileError(f"{path}: unsupported .o4r format version {version} (this "
+                                 f"optim4rl reads version {FORMAT_VERSION})")
+    data_start = _PREAMBLE.size + header_length
+    if len(raw) < data_start:
+        raise ParameterFileError(f"{path}: truncated .o4r file (header cut off: {len(raw)} of at "
+                                 f"least {data_start} bytes)")
+    header = _parse_header(path, raw[_PREAMBLE.size:data_start])
+    data = raw[data_start:]
+    if len(data) < header["data_nbytes"]:
+        raise ParameterFileError(f"{path}: truncated .o4r file (tensor data has {len(data)} of "
+                                 f"{header['data_nbytes']} bytes)")
+    if len(data) > header["data_nbytes"]:
+        raise ParameterFileError(f"{path}: corrupt .o4r file ({len(data) - header['data_nbytes']} "
+                                 "unexpected bytes after the tensor data)")
+    if hashlib.sha256(data).hexdigest() != header["data_sha256"]:
+        raise ParameterFileError(f"{path}: corrupt .o4r file (checksum mismatch in tensor data)")
+
+    architecture = header["architecture"]
+    if architecture not in ARCHITECTURES:
+        raise ParameterFileError(f"{path}: unknown optimizer architecture '{architecture}' "
+                                 f"(known: {', '.join(ARCHITECTURES)})")
+    try:
+        config = check_config(architecture, header["config"])
+    except ValueError as error:
+        raise ParameterFileError(f"{path}: bad {architecture} config in file: {error}") from None
+
+    tensors = {}
+    for entry in header["tensors"]:
+        end = entry["offset"] + entry["nbytes"]
+        if (entry["dtype"] != "float32" or end > len(data)
+                or entry["nbytes"] != 4 * int(np.prod(entry["shape"], dtype=np.int64))):
+            raise ParameterFileError(f"{path}: corrupt .o4r file (bad tensor table entry "
+                                     f"'{entry['name']}')")
+        array = np.frombuffer(data, dtype="<f4", count=entry["nbytes"] // 4,
+                              offset=entry["offset"])
+        tensors[entry["name"]] = array.reshape(entry["shape"]).astype(np.float32)
+    expected = meta_shapes(architecture, config)
+    got = {name: tuple(array.shape) for name, array in tensors.items()}
+    if got != expected:
+        raise ParameterFileError(f"{path}: tensors do not match the {architecture} architecture "
+                                 f"{config}: {_describe_mismatch(got, expected)}")
+    return O4RFile(architecture, config, tensors, header["info"], path, header["data_sha256"])
+
+
+def _parse_header(path: str, header_bytes: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ParameterFileError(f"{path}: corrupt .o4r file (header is not valid JSON)") from None
+    fields = {"architecture": str, "config": dict, "info": dict, "tensors": list,
+              "data_nbytes": int, "data_sha256": str}
+    if not isinstance(header, dict) or any(not isinstance(header.get(k), t)
+                                           for k, t in fields.items()):
+        raise ParameterFileError(f"{path}: corrupt .o4r file (header lacks required fields)")
+    entry_fields = {"name": str, "shape": list, "dtype": str, "offset": int, "nbytes": int}
+    names = set()
+    for entry in header["tensors"]:
+        if (not isinstance(entry, dict)
+                or any(not isinstance(entry.get(k), t) for k, t in entry_fields.items())
+                or not all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+                or entry["offset"] < 0 or entry["nbytes"] < 0 or entry["name"] in names):
+            raise ParameterFileError(f"{path}: corrupt .o4r file (bad tensor table)")
+        names.add(entry["name"])
+    return header
+
+
+def _describe_mismatch(got: dict[str, tuple], expected: dict[str, tuple]) -> str:
+    parts = []
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing:
+        parts.append(f"missing {missing}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected}")
+    for name in sorted(set(got) & set(expected)):
+        if got[name] != expected[name]:
+            parts.append(f"{name} has shape {got[name]}, expected {expected[name]}")
+    return "; ".join(parts)
