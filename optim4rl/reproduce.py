@@ -113,7 +113,7 @@ def experiments(budget: str) -> list[Experiment]:
                    claim="paper: gradient processing and pipeline training both matter"),
         # Catch: the compare horizon (2e5 steps of 64 envs = 156 updates) is about one pipeline
         # lifetime of catch-cpu (reset 32 x K 4 = 128 updates); on big_dense_long it is 5x longer and
-        # no optimizer learns within a lifetime (docs/DESIGN.md). Every optimizer gets three step
+        # no optimizer learns within a lifetime (docs/findings.md). Every optimizer gets three step
         # sizes: the learned one was meta-trained at 1e-3.
         *[Experiment(name, title, "a2c", ("catch",),
                      tuple(f"{o}@{lrs}" for o in ("adam", "rmsprop", o4r_catch, "optim4rl:init")),
