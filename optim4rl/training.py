@@ -296,6 +296,9 @@ def run(
         "final_return_per_seed": returns[:, -1].tolist() if returns.size else [],
         "env_steps_per_seed": int(total_steps),
         "wall_time_s": wall_time, "compile_time_s": compile_s,
+        # A resumed run: wall_time_s adds the earlier attempts up to their last checkpoint (work
+        # after it was redone and is not counted twice); this attempt alone is reported too.
+        "wall_time_this_attempt_s": time.time() - t_start, "resumed_at_chunk": start_chunk or None,
         "steps_per_s": total_steps * spec.seeds / run_time,
         "steps_per_s_note": "after compilation (wall time less the first chunk's compile time)",
         "score": f"mean of the last {spec.score_fraction:.0%} of logged episode returns",
