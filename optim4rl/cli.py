@@ -271,6 +271,8 @@ def cmd_compare(args) -> int:
             data[key] = getattr(args, attr)
     if args.lrs:
         data["learning_rates"] = args.lrs
+    if args.score_last_updates is not None:
+        data["score_last_updates"] = args.score_last_updates
     if args.grad_clip is not None:
         data["grad_clip"] = None if args.grad_clip <= 0 else args.grad_clip
     overrides = dict(data.pop("agent_overrides", {}) or preset.get("agent", {}))
@@ -310,6 +312,9 @@ def register_compare(sub) -> None:
     p.add_argument("--grad-clip", type=float, help="elementwise gradient clip (0 = off; default 1)")
     p.add_argument("--preset", help="a compare preset name or TOML path")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an agent setting")
+    p.add_argument("--score-last-updates", dest="score_last_updates", type=int, metavar="N",
+                   help="score = mean episode return of each seed's last N updates (the RLC 2024 paper's "
+                        "gridworld score: 20); default: the last 10%% of logged returns")
     p.add_argument("--out", help="comparison directory (re-running it skips finished runs)")
     p.set_defaults(func=cmd_compare)
 

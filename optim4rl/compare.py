@@ -43,6 +43,10 @@ class CompareSpec:
     scale: str = "cpu"
     paired: bool = True
     log_chunks: int = 50
+    # Score = mean episode return of the last N updates of each seed (the RLC 2024 paper's
+    # gridworld score, N = 20); None: the mean of the last 10% of the logged returns. Computed
+    # from each run's metrics.csv, so one run serves either score.
+    score_last_updates: int | None = None
 
     def __post_init__(self):
         if not self.envs:
@@ -51,6 +55,17 @@ class CompareSpec:
             raise ConfigError("compare needs at least one optimizer")
         if self.seeds < 2:
             raise ConfigError("compare needs at least 2 seeds for statistics")
+        if self.score_last_updates is not None and (
+                isinstance(self.score_last_updates, bool) or not isinstance(self.score_last_updates, int)
+                or self.score_last_updates < 1):
+            raise ConfigError(f"score_last_updates must be a positive number of updates, got "
+                              f"{self.score_last_updates!r}")
+
+    def score_description(self) -> str:
+        what = "evaluation" if self.agent == "ppo" and self.score_last_updates is None else "episode"
+        if self.score_last_updates is not None:
+            return f"mean episode return of the last {self.score_last_updates} updates"
+        return f"mean of the last 10% of logged {what} returns"
 
 
 def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[float, ...]]:
@@ -136,8 +151,11 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 summary = json.loads((run_dir / "summary.json").read_text())
                 version = _code_version(run_dir)
                 code_versions[version] = code_versions.get(version, 0) + 1
-                scores = np.asarray([np.nan if s is None else s for s in _score_list(summary, spec.agent)])
                 rows = read_csv(run_dir / "metrics.csv")
+                if spec.score_last_updates is not None:
+                    scores = score_last_updates(rows, summary["seeds"], spec.score_last_updates)
+                else:
+                    scores = np.asarray([np.nan if s is None else s for s in _score_list(summary, spec.agent)])
                 x, y = _curve(rows, spec)
                 sweep.setdefault(label, {})[lr] = float(np.nanmean(scores))
                 for seed, score, final in zip(summary["seeds"], scores, summary["final_return_per_seed"]):
@@ -183,6 +201,23 @@ def format_code_versions(code_versions: dict[str, int]) -> str:
     return text
 
 
+def score_last_updates(rows: list[dict], seeds: list[int], last: int) -> np.ndarray:
+    """Per seed, the mean episode return of its last ``last`` logged updates (NaN-aware).
+
+    The episode_return of an update is the mean return of the episodes that ended in it (carried
+    forward when none did), so this is the paper's "mean return of the last 20 updates".
+    """
+    by_seed: dict[int, list] = {int(s): [] for s in seeds}
+    for r in rows:
+        by_seed.setdefault(int(r["seed"]), []).append((int(r["update"]), r["episode_return"]))
+    out = []
+    for s in seeds:
+        tail = np.asarray([v for _, v in sorted(by_seed[int(s)])][-last:], np.float64)
+        tail = tail[np.isfinite(tail)]
+        out.append(tail.mean() if tail.size else np.nan)
+    return np.asarray(out)
+
+
 def _score_list(summary: dict, agent: str) -> list:
     # PPO is scored on its evaluation episodes (like the paper's Brax curves), A2C on training returns.
     if agent == "ppo" and summary.get("eval_score_per_seed"):
@@ -212,7 +247,8 @@ def _plots(out: Path, env: str, spec: CompareSpec, curves, scores) -> None:
     plots.plot_learning_curves(curves, out / f"curves_{env}", title=f"{spec.agent.upper()} on {env}: "
                                f"mean and 90% bootstrap CI over {spec.seeds} seeds", ylabel=ylabel)
     plots.plot_scores(scores, out / f"scores_{env}", title=f"{env}: final score per optimizer "
-                      f"(mean, 90% bootstrap CI, seeds as dots)", ylabel=f"score ({ylabel}, last 10%)")
+                      f"(mean, 90% bootstrap CI, seeds as dots)",
+                      ylabel=f"score ({spec.score_description()})")
 
 
 def _write_results(out: Path, rows: list[dict]) -> None:
@@ -228,11 +264,10 @@ def _write_summary(out: Path, spec: CompareSpec, per_task: dict, aggregate,
     from optim4rl.analysis import stats
 
     lines = [f"# Optimizer comparison: {spec.agent.upper()}, {spec.seeds} seeds", "",
-             f"Score = mean of the last 10% of logged {'evaluation' if spec.agent == 'ppo' else 'episode'} returns "
-             f"per seed. CI = 90% percentile bootstrap of the mean. p = paired t-test (and Wilcoxon) "
+             f"Score = {spec.score_description()} per seed. CI = 90% percentile bootstrap of the mean. p = paired t-test (and Wilcoxon) "
              f"against `{spec.reference}` on the same seeds; verdict at α = 0.05, no multiple-comparison "
              "correction. Step sizes: best mean score of the sweep (selected on the same seeds).", ""]
-    data: dict[str, Any] = {"spec": to_jsonable(spec), "tasks": {}}
+    data: dict[str, Any] = {"spec": to_jsonable(spec), "score": spec.score_description(), "tasks": {}}
     for env, task in per_task.items():
         lines += [f"## {env}", "", stats.markdown_table(task["rows"]), ""]
         lines += ["Step sizes: " + ", ".join(f"{k} {v:g}" for k, v in task["lr"].items()), ""]
