@@ -572,7 +572,7 @@ def cmd_sweep(args) -> int:
     def report(event):
         if event.get("event") == "point":
             print(f"== {event['point']} ({event['state']})", file=sys.stderr)
-        elif "skipped" in event:
+        elif "phase" in event:  # an evaluation run (meta-training progress events have no phase)
             state = "done before, skipped" if event["skipped"] else "training"
             print(f"   {event['phase']} [{event['done'] + 1}/{event['total']}] {event['optimizer']} ({state})",
                   file=sys.stderr)
