@@ -465,7 +465,8 @@ def cmd_reproduce(args) -> int:
             print(f"   [{event['done'] + 1}/{event['total']}] {event['env']}: {event['optimizer']} "
                   f"lr {event['learning_rate']:g} ({state})", file=sys.stderr)
 
-    report_path = reproduce.run(args.budget, out, callback=report, only=tuple(args.only or ()))
+    report_path = reproduce.run(args.budget, out, callback=report, only=tuple(args.only or ()),
+                                report_only=args.report_only)
     if args.docs:
         docs = Path(args.docs)
         docs.parent.mkdir(parents=True, exist_ok=True)
@@ -490,6 +491,8 @@ def register_reproduce(sub) -> None:
     p.add_argument("--only", nargs="+", help="run only these experiments (a_big_dense_long, b_brax, ...)")
     p.add_argument("--out", help="directory (default runs/reproduce-BUDGET); re-running skips finished runs")
     p.add_argument("--docs", help="also write the report here (e.g. docs/results.md), figures beside it")
+    p.add_argument("--report-only", dest="report_only", action="store_true",
+                   help="train nothing: write the report from the runs finished so far (a long run still going)")
     p.set_defaults(func=cmd_reproduce)
 
 

@@ -104,11 +104,13 @@ def _finished(run_dir: Path, expected: dict) -> bool:
 
 
 def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | None = None,
-        runs_dir: Path | str | None = None) -> dict[str, Any]:
+        runs_dir: Path | str | None = None, only_finished: bool = False) -> dict[str, Any]:
     """Runs (or reuses) every optimizer × step size × task and writes the comparison to ``out``.
 
     ``runs_dir`` (default ``out/runs``) holds the training runs; several comparisons can share
     one, so a run they have in common (same config and optimizer file) is trained once.
+    ``only_finished`` trains nothing: the comparison is written from the runs already finished
+    (a report while a long comparison is still going); the others are listed as not finished.
     """
     from optim4rl.analysis import stats
 
@@ -124,6 +126,7 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
     code_versions: dict[str, int] = {}  # a reused run may come from older code: say so
     total_runs = len(spec.envs) * sum(max(len(e[2]), 1) for e in entries)
     done_runs = 0
+    unfinished: list[str] = []
     for env in spec.envs:
         curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         selected_scores: dict[str, np.ndarray] = {}
@@ -145,6 +148,10 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 if callback:
                     callback({"event": "start", "env": env, "optimizer": label, "learning_rate": lr,
                               "skipped": skipped, "done": done_runs, "total": total_runs})
+                if not skipped and only_finished:
+                    unfinished.append(f"{env}: {label} lr {lr:g}")
+                    done_runs += 1
+                    continue
                 if not skipped:
                     training.run(train_spec, agent_cfg, run_dir, plot=False)
                 done_runs += 1
@@ -164,19 +171,24 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 mean_score = np.nanmean(scores) if np.isfinite(scores).any() else -np.inf
                 if best is None or mean_score > best[0]:
                     best = (mean_score, lr, scores, (x, y))
+            if best is None:  # only_finished and none of its runs has finished
+                continue
             _, lr, scores, curve = best
             selected_scores[label], selected_lr[label], curves[f"{label} (lr {lr:g})"] = scores, lr, curve
             for row in results_rows:
                 if row["task"] == env and row["optimizer"] == label and row["learning_rate"] == lr:
                     row["selected"] = True
-        rows = stats.summarize(selected_scores, reference=spec.reference, paired=spec.paired)
+        if not selected_scores:
+            continue
+        reference = spec.reference if spec.reference in selected_scores else None
+        rows = stats.summarize(selected_scores, reference=reference, paired=spec.paired)
         per_task[env] = {"rows": rows, "lr": selected_lr, "sweep": sweep, "scores": selected_scores}
         _plots(out, env, spec, curves, selected_scores)
     _write_results(out, results_rows)
     aggregate = None
-    if len(spec.envs) > 1:
+    if len(spec.envs) > 1 and not unfinished:
         aggregate = stats.aggregate_tasks({env: t["scores"] for env, t in per_task.items()}, reference=spec.reference)
-    summary = _write_summary(out, spec, per_task, aggregate, code_versions)
+    summary = _write_summary(out, spec, per_task, aggregate, code_versions, unfinished)
     return summary
 
 
@@ -260,7 +272,7 @@ def _write_results(out: Path, rows: list[dict]) -> None:
 
 
 def _write_summary(out: Path, spec: CompareSpec, per_task: dict, aggregate,
-                   code_versions: dict[str, int] | None = None) -> dict:
+                   code_versions: dict[str, int] | None = None, unfinished: list[str] | None = None) -> dict:
     from optim4rl.analysis import stats
 
     lines = [f"# Optimizer comparison: {spec.agent.upper()}, {spec.seeds} seeds", "",
@@ -281,6 +293,10 @@ def _write_summary(out: Path, spec: CompareSpec, per_task: dict, aggregate,
         lines += ["## Aggregate over tasks (scores normalised by the reference's mean)", "",
                   stats.markdown_table(aggregate), ""]
         data["aggregate"] = [dataclasses.asdict(r) for r in aggregate]
+    if unfinished:
+        lines += ["Not finished yet, so not in the tables: " + "; ".join(unfinished)
+                  + ". Rerunning the comparison trains them.", ""]
+        data["unfinished"] = unfinished
     if code_versions:
         lines += ["Code versions of the runs: " + format_code_versions(code_versions), ""]
         data["code_versions"] = code_versions

@@ -175,7 +175,9 @@ def paper_regime(budget: str) -> Experiment:
 
 
 def run(budget: str, out: Path | str, callback: Callable[[dict], None] | None = None,
-        only: tuple[str, ...] = ()) -> Path:
+        only: tuple[str, ...] = (), report_only: bool = False) -> Path:
+    """Runs the experiments (resuming) and writes the report. ``report_only`` trains nothing: the
+    report is written from the runs finished so far (the others are listed as not finished)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     selected = [e for e in experiments(budget) if not only or e.name in only]
@@ -190,7 +192,7 @@ def run(budget: str, out: Path | str, callback: Callable[[dict], None] | None = 
         if callback:
             callback({"event": "experiment", "name": exp.name, "title": exp.title})
         # One runs/ directory for all experiments: a run two experiments share is trained once.
-        compare.run(spec, out / exp.name, callback=callback, runs_dir=out / exp.runs)
+        compare.run(spec, out / exp.name, callback=callback, runs_dir=out / exp.runs, only_finished=report_only)
     return write_report(out, budget, selected)
 
 
@@ -208,7 +210,7 @@ def write_report(out: Path, budget: str, selected: list[Experiment]) -> Path:
         lines += ["Budgets: agents are trained far below the paper's budgets, and the shipped optimizers were "
                   "meta-trained on a CPU at 100-1000x smaller budgets than the paper's (their sizes and "
                   "evaluations are in `optim4rl/pretrained/README.md`). Read a tie as 'no difference detected "
-                  "with 5 seeds (10 on Catch and in f_big_dense_long_64env)', not as equivalence.", ""]
+                  "with 5 seeds (10 on Catch and in f_big_dense_long_64env, 3 in g_paper_regime)', not as equivalence.", ""]
     lines += ["Learned optimizers used: " + (", ".join(f"`{p}`" for p in shipped) if shipped else "none shipped")
               + ". An entry `NAME:init` means no meta-trained file was available and the untrained φ was used.", ""]
     verdicts: list[str] = []
