@@ -448,8 +448,9 @@ def register_meta_train(sub) -> None:
                     "OUT/optimizer.o4r.")
     p.add_argument("--preset", help=f"one of: {presets}; or a path to a TOML file "
                                     "(`optim4rl list presets`)")
-    p.add_argument("--optimizer", choices=["optim4rl", "l2l", "lin", "star"],
-                   help="architecture to meta-train (default: the preset's, else optim4rl)")
+    p.add_argument("--optimizer", choices=["optim4rl", "l2l", "lin", "star", "rlc2024"],
+                   help="architecture to meta-train (default: the preset's, else optim4rl; rlc2024: "
+                        "Optim4RL as in the final, RLC 2024 version: raw g and g² inputs, linear heads)")
     p.add_argument("--inputs", choices=["sign_log", "raw"],
                    help="Optim4RL gradient inputs (raw = the no-gradient-processing ablation)")
     p.add_argument("--no-pipeline", action="store_true", help="ablation: agents are never reset")
@@ -488,6 +489,8 @@ def cmd_compare(args) -> int:
             data[key] = getattr(args, attr)
     if args.lrs:
         data["learning_rates"] = args.lrs
+    if args.score_last_updates is not None:
+        data["score_last_updates"] = args.score_last_updates
     if args.grad_clip is not None:
         data["grad_clip"] = _clip(args.grad_clip)
     cli_sets = _flat_overrides(args.set, "agent", {})
@@ -537,6 +540,9 @@ def register_compare(sub) -> None:
                    help="override an agent setting (`optim4rl list keys`)")
     p.add_argument("--out", help="comparison directory (default runs/compare-AGENT-ENVS; re-running it "
                                  "reuses finished runs and resumes killed ones)")
+    p.add_argument("--score-last-updates", dest="score_last_updates", type=positive_int, metavar="N",
+                   help="score = mean episode return of each seed's last N updates (the RLC 2024 paper's "
+                        "gridworld score: 20); default: the last 10%% of logged returns")
     p.set_defaults(func=cmd_compare)
 
 
@@ -699,7 +705,8 @@ def cmd_reproduce(args) -> int:
             print(f"   [{event['done'] + 1}/{event['total']}] {event['env']}: {event['optimizer']} "
                   f"lr {event['learning_rate']:g} ({state})", file=sys.stderr)
 
-    report_path = reproduce.run(args.budget, out, callback=report, only=tuple(args.only or ()))
+    report_path = reproduce.run(args.budget, out, callback=report, only=tuple(args.only or ()),
+                                report_only=args.report_only)
     if args.docs:
         docs = Path(args.docs)
         docs.parent.mkdir(parents=True, exist_ok=True)
@@ -727,6 +734,8 @@ def register_reproduce(sub) -> None:
     p.add_argument("--only", nargs="+", help="run only these experiments (a_big_dense_long, b_brax, ...)")
     p.add_argument("--out", help="directory (default runs/reproduce-BUDGET); re-running skips finished runs")
     p.add_argument("--docs", help="also write the report here (e.g. docs/results.md), figures beside it")
+    p.add_argument("--report-only", dest="report_only", action="store_true",
+                   help="train nothing: write the report from the runs finished so far (a long run still going)")
     p.set_defaults(func=cmd_reproduce)
 
 
@@ -780,6 +789,88 @@ def register_inspect(sub) -> None:
 
 
 _EXTRA_COMMANDS.append(register_inspect)
+
+
+# --- sweep -----------------------------------------------------------------------------------
+
+def cmd_sweep(args) -> int:
+    from optim4rl import config as config_lib
+    from optim4rl import sweep as sweep_lib
+
+    overrides = {}
+    for item in args.set or []:
+        keys, value = config_lib.parse_override(item)
+        overrides[".".join(keys)] = value
+    regime_data = {}
+    for key, attr in (("env", "eval_env"), ("steps", "eval_steps"), ("num_envs", "eval_num_envs"),
+                      ("learning_rate", "eval_lr"), ("seeds", "eval_seeds"), ("fresh_seeds", "fresh_seeds"),
+                      ("fresh_seed", "fresh_seed"), ("score_last_updates", "score_last_updates")):
+        if getattr(args, attr) is not None:
+            regime_data[key] = getattr(args, attr)
+    if args.score_last_updates is not None and args.score_last_updates <= 0:
+        regime_data["score_last_updates"] = None
+    if args.grad_clip is not None:
+        regime_data["grad_clip"] = None if args.grad_clip <= 0 else args.grad_clip
+    if args.reference is not None:
+        regime_data["reference"] = None if args.reference.lower() == "none" else args.reference
+    regime = config_lib.from_dict(sweep_lib.EvalRegime, regime_data, "sweep evaluation")
+    spec = sweep_lib.SweepSpec(preset=args.preset, grid=tuple(sweep_lib.parse_axis(a) for a in args.sweep),
+                               overrides=overrides, regime=regime, time_limit_s=args.time_limit,
+                               selection_runs_dir=args.selection_runs)
+    grid = sweep_lib.points(spec)
+    out = Path(args.out)
+    print(f"optim4rl sweep: {len(grid)} points of {args.preset} -> {out}", file=sys.stderr)
+
+    def report(event):
+        if event.get("event") == "point":
+            print(f"== {event['point']} ({event['state']})", file=sys.stderr)
+        elif "phase" in event:  # an evaluation run (meta-training progress events have no phase)
+            state = "done before, skipped" if event["skipped"] else "training"
+            print(f"   {event['phase']} [{event['done'] + 1}/{event['total']}] {event['optimizer']} ({state})",
+                  file=sys.stderr)
+
+    result = sweep_lib.run(spec, out, callback=report)
+    print((out / "summary.md").read_text())
+    if not result["complete"]:
+        print(f"not every point finished within the time limit; rerun the same command to continue",
+              file=sys.stderr)
+    return 0
+
+
+def register_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep", help="meta-train a grid of configs, evaluate every file, select the best, re-evaluate it",
+        description="One meta-training run directory per grid point (resumable; a rerun continues), "
+                    "within an optional wall-clock budget; then every finished file trains fresh A2C agents "
+                    "in a stated regime (default: the final paper version's, 512 envs, score = mean return "
+                    "of the last 20 updates), the files are ranked by mean score, and the selected one is "
+                    "re-evaluated on fresh seeds: that number is not inflated by the selection.")
+    p.add_argument("--preset", required=True, help="meta-train preset, e.g. big_dense_long-rlc2024-cpu")
+    p.add_argument("--sweep", action="append", required=True, metavar="KEY=V1,V2",
+                   help="a grid axis (repeat for more); paired settings as K1&K2=A1&B1,A2&B2, e.g. "
+                        "'meta_global_clip&meta_grad_clip=0.5&0,0&1.0'")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a fixed meta setting for every point")
+    p.add_argument("--time-limit", dest="time_limit", type=_positive_seconds, metavar="SECONDS",
+                   help="wall-clock budget for meta-training in this invocation; rerun to continue")
+    p.add_argument("--eval-env", dest="eval_env", help="evaluation task (default: the first meta-training task)")
+    p.add_argument("--eval-steps", dest="eval_steps", type=int, help="env steps per evaluation seed (default 1e7)")
+    p.add_argument("--eval-num-envs", dest="eval_num_envs", type=int, help="A2C envs in evaluation (default 512)")
+    p.add_argument("--eval-lr", dest="eval_lr", type=float, help="step size (default: the task's meta-training α)")
+    p.add_argument("--eval-seeds", dest="eval_seeds", type=int, help="selection seeds 0..N-1 (default 3)")
+    p.add_argument("--fresh-seeds", dest="fresh_seeds", type=int, help="re-evaluation seeds (default 3)")
+    p.add_argument("--fresh-seed", dest="fresh_seed", type=int, help="first re-evaluation seed (default 1000)")
+    p.add_argument("--score-last-updates", dest="score_last_updates", type=int, metavar="N",
+                   help="score = mean return of the last N updates (default 20; 0 = last 10%% of returns)")
+    p.add_argument("--grad-clip", dest="grad_clip", type=float, help="elementwise clip in evaluation (default 1; 0 off)")
+    p.add_argument("--reference", help="hand-designed optimizer evaluated alongside (default adam; none = no reference)")
+    p.add_argument("--selection-runs", dest="selection_runs", metavar="DIR",
+                   help="training runs of the selection phase (default OUT/selection/runs); the runs "
+                        "directory of a comparison in the same regime reuses its reference runs")
+    p.add_argument("--out", required=True, help="sweep directory (a rerun resumes it)")
+    p.set_defaults(func=cmd_sweep)
+
+
+_EXTRA_COMMANDS.append(register_sweep)
 
 
 # --- imitate ---------------------------------------------------------------------------------

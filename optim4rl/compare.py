@@ -45,6 +45,10 @@ class CompareSpec:
     scale: str = "cpu"
     paired: bool = True
     log_chunks: int = 50
+    # Score = mean episode return of the last N updates of each seed (the RLC 2024 paper's
+    # gridworld score, N = 20); None: the mean of the last 10% of the logged returns. Computed
+    # from each run's metrics.csv, so one run serves either score.
+    score_last_updates: int | None = None
 
     def __post_init__(self):
         if not self.envs:
@@ -66,6 +70,17 @@ class CompareSpec:
             raise ConfigError(f"compare: grad_clip must be positive or off, got {self.grad_clip}")
         if self.steps is not None and self.steps < 1:
             raise ConfigError(f"compare: steps must be at least 1, got {self.steps}")
+        if self.score_last_updates is not None and (
+                isinstance(self.score_last_updates, bool) or not isinstance(self.score_last_updates, int)
+                or self.score_last_updates < 1):
+            raise ConfigError(f"score_last_updates must be a positive number of updates, got "
+                              f"{self.score_last_updates!r}")
+
+    def score_description(self) -> str:
+        what = "evaluation" if self.agent == "ppo" and self.score_last_updates is None else "episode"
+        if self.score_last_updates is not None:
+            return f"mean episode return of the last {self.score_last_updates} updates"
+        return f"mean of the last 10% of logged {what} returns"
 
 
 def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[float, ...]]:
@@ -117,11 +132,13 @@ def _finished(run_dir: Path, expected: dict) -> bool:
 
 
 def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | None = None,
-        runs_dir: Path | str | None = None) -> dict[str, Any]:
+        runs_dir: Path | str | None = None, only_finished: bool = False) -> dict[str, Any]:
     """Runs (or reuses) every optimizer × step size × task and writes the comparison to ``out``.
 
     ``runs_dir`` (default ``out/runs``) holds the training runs; several comparisons can share
     one, so a run they have in common (same config and optimizer file) is trained once.
+    ``only_finished`` trains nothing: the comparison is written from the runs already finished
+    (a report while a long comparison is still going); the others are listed as not finished.
     """
     from optim4rl.analysis import stats
 
@@ -148,6 +165,7 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
     code_versions: dict[str, int] = {}  # a reused run may come from older code: say so
     total_runs = len(spec.envs) * sum(max(len(e[2]), 1) for e in entries)
     done_runs = 0
+    unfinished: list[str] = []
     for env in spec.envs:
         curves: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         selected_scores: dict[str, np.ndarray] = {}
@@ -163,6 +181,10 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 if callback:
                     callback({"event": "start", "env": env, "optimizer": label, "learning_rate": lr,
                               "skipped": skipped, "done": done_runs, "total": total_runs})
+                if not skipped and only_finished:
+                    unfinished.append(f"{env}: {label} lr {lr:g}")
+                    done_runs += 1
+                    continue
                 if not skipped:
                     # A killed run of the same config resumes; anything else in its place is stale.
                     resumable = (run_dir / "checkpoint.msgpack").exists() and \
@@ -173,8 +195,11 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 summary = json.loads((run_dir / "summary.json").read_text())
                 version = _code_version(run_dir)
                 code_versions[version] = code_versions.get(version, 0) + 1
-                scores = np.asarray([np.nan if s is None else s for s in _score_list(summary, spec.agent)])
                 rows = read_csv(run_dir / "metrics.csv")
+                if spec.score_last_updates is not None:
+                    scores = score_last_updates(rows, summary["seeds"], spec.score_last_updates)
+                else:
+                    scores = np.asarray([np.nan if s is None else s for s in _score_list(summary, spec.agent)])
                 x, y = _curve(rows, spec)
                 sweep.setdefault(label, {})[lr] = (float(np.nanmean(scores)) if np.isfinite(scores).any()
                                                    else float("nan"))
@@ -191,6 +216,8 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 mean_score = np.nanmean(scores) if np.isfinite(scores).any() and not diverged else -np.inf
                 if best is None or mean_score > best[0]:
                     best = (mean_score, lr, scores, (x, y))
+            if best is None:  # only_finished and none of its runs has finished
+                continue
             best_score, lr, scores, curve = best
             if best_score == -np.inf:
                 scores = np.full_like(scores, np.nan)  # every step size diverged: no score at all
@@ -198,14 +225,17 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
             for row in results_rows:
                 if row["task"] == env and row["optimizer"] == label and row["learning_rate"] == lr:
                     row["selected"] = True
-        rows = stats.summarize(selected_scores, reference=spec.reference, paired=spec.paired)
+        if not selected_scores:
+            continue
+        reference = spec.reference if spec.reference in selected_scores else None
+        rows = stats.summarize(selected_scores, reference=reference, paired=spec.paired)
         per_task[env] = {"rows": rows, "lr": selected_lr, "sweep": sweep, "scores": selected_scores}
         _plots(out, env, spec, curves, selected_scores)
     _write_results(out, results_rows)
     aggregate = None
-    if len(spec.envs) > 1:
+    if len(spec.envs) > 1 and not unfinished:
         aggregate = stats.aggregate_tasks({env: t["scores"] for env, t in per_task.items()}, reference=spec.reference)
-    summary = _write_summary(out, spec, per_task, aggregate, code_versions)
+    summary = _write_summary(out, spec, per_task, aggregate, code_versions, unfinished)
     return summary
 
 
@@ -228,6 +258,23 @@ def format_code_versions(code_versions: dict[str, int]) -> str:
         text += (" — several code versions: finished runs are reused when their config matches, "
                  "so numbers can mix versions; a fresh `--out` retrains them all with one")
     return text
+
+
+def score_last_updates(rows: list[dict], seeds: list[int], last: int) -> np.ndarray:
+    """Per seed, the mean episode return of its last ``last`` logged updates (NaN-aware).
+
+    The episode_return of an update is the mean return of the episodes that ended in it (carried
+    forward when none did), so this is the paper's "mean return of the last 20 updates".
+    """
+    by_seed: dict[int, list] = {int(s): [] for s in seeds}
+    for r in rows:
+        by_seed.setdefault(int(r["seed"]), []).append((int(r["update"]), r["episode_return"]))
+    out = []
+    for s in seeds:
+        tail = np.asarray([v for _, v in sorted(by_seed[int(s)])][-last:], np.float64)
+        tail = tail[np.isfinite(tail)]
+        out.append(tail.mean() if tail.size else np.nan)
+    return np.asarray(out)
 
 
 def _score_list(summary: dict, agent: str) -> list:
@@ -259,7 +306,8 @@ def _plots(out: Path, env: str, spec: CompareSpec, curves, scores) -> None:
     plots.plot_learning_curves(curves, out / f"curves_{env}", title=f"{spec.agent.upper()} on {env}: "
                                f"mean and 90% bootstrap CI over {spec.seeds} seeds", ylabel=ylabel)
     plots.plot_scores(scores, out / f"scores_{env}", title=f"{env}: final score per optimizer "
-                      f"(mean, 90% bootstrap CI, seeds as dots)", ylabel=f"score ({ylabel}, last 10%)")
+                      f"(mean, 90% bootstrap CI, seeds as dots)",
+                      ylabel=f"score ({spec.score_description()})")
 
 
 def _write_results(out: Path, rows: list[dict]) -> None:
@@ -271,15 +319,14 @@ def _write_results(out: Path, rows: list[dict]) -> None:
 
 
 def _write_summary(out: Path, spec: CompareSpec, per_task: dict, aggregate,
-                   code_versions: dict[str, int] | None = None) -> dict:
+                   code_versions: dict[str, int] | None = None, unfinished: list[str] | None = None) -> dict:
     from optim4rl.analysis import stats
 
     lines = [f"# Optimizer comparison: {spec.agent.upper()}, {spec.seeds} seeds", "",
-             f"Score = mean of the last 10% of logged {'evaluation' if spec.agent == 'ppo' else 'episode'} returns "
-             f"per seed. CI = 90% percentile bootstrap of the mean. p = paired t-test (and Wilcoxon) "
+             f"Score = {spec.score_description()} per seed. CI = 90% percentile bootstrap of the mean. p = paired t-test (and Wilcoxon) "
              f"against `{spec.reference}` on the same seeds; verdict at α = 0.05, no multiple-comparison "
              "correction. Step sizes: best mean score of the sweep (selected on the same seeds).", ""]
-    data: dict[str, Any] = {"spec": to_jsonable(spec), "tasks": {}}
+    data: dict[str, Any] = {"spec": to_jsonable(spec), "score": spec.score_description(), "tasks": {}}
     for env, task in per_task.items():
         lines += [f"## {env}", "", stats.markdown_table(task["rows"]), ""]
         lines += ["Step sizes: " + ", ".join(f"{k} {v:g}" for k, v in task["lr"].items()), ""]
@@ -293,6 +340,10 @@ def _write_summary(out: Path, spec: CompareSpec, per_task: dict, aggregate,
         lines += ["## Aggregate over tasks (scores normalised by the reference's mean)", "",
                   stats.markdown_table(aggregate), ""]
         data["aggregate"] = [dataclasses.asdict(r) for r in aggregate]
+    if unfinished:
+        lines += ["Not finished yet, so not in the tables: " + "; ".join(unfinished)
+                  + ". Rerunning the comparison trains them.", ""]
+        data["unfinished"] = unfinished
     if code_versions:
         lines += ["Code versions of the runs: " + format_code_versions(code_versions), ""]
         data["code_versions"] = code_versions

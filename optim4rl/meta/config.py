@@ -63,11 +63,21 @@ class MetaConfig:
     meta_loss: Literal["a2c", "actor"] = "a2c"
     grad_clip: float | None = 1.0  # elementwise clip of agent gradients before the optimizer
     meta_learning_rate: float = 1e-3
-    meta_max_norm: float | None = 0.5  # per-task meta-gradient rescaled to this norm (None: off)
+    # Meta-gradient processing before Adam on φ, three independent choices applied in this order
+    # (each off when None or 0; TOML has no null, so presets write 0):
+    #   meta_max_norm     per task, the agents' mean meta-gradient is rescaled to this global norm
+    #                     (normalised, not clipped), then the tasks are averaged. The paper's
+    #                     six-gridworld run (0.5); the authors' final code does not use it on
+    #                     big_dense_long or Catch.
+    #   meta_grad_clip    elementwise clip of the averaged meta-gradient (final code: 1.0, one of
+    #                     the two settings of its big_dense_long sweep).
+    #   meta_global_clip  clip_by_global_norm of the averaged meta-gradient (final code: 0.5, the
+    #                     other setting).
+    meta_max_norm: float | None = 0.5
     # "task": the mean of the agents' meta-gradients (docs/paper_settings.md §2). "agent": each agent's meta-gradient
     # is first scaled to unit norm, so agents of every age weigh the same (not in the paper).
     meta_normalize: Literal["task", "agent"] = "task"
-    meta_grad_clip: float | None = None  # elementwise clip before the meta-optimizer
+    meta_grad_clip: float | None = None
     meta_global_clip: float | None = None
     iterations_per_chunk: int = 10
     remat: bool = True  # recompute optimizer activations in the backward pass (saves memory)

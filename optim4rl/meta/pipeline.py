@@ -86,19 +86,24 @@ class MetaTrainer:
         from optim4rl import optimizers
 
         self.cfg = cfg
-        if cfg.optimizer not in optimizers.LEARNED:
+        from optim4rl.optimizers.registry import CONFIGURATIONS, resolve_configuration
+
+        # A named configuration ("rlc2024") is its architecture with fixed fields, under the options.
+        arch, fields = resolve_configuration(cfg.optimizer)
+        if arch not in optimizers.LEARNED:
             raise ConfigError(
-                f"unknown learned optimizer {cfg.optimizer!r}; known: {', '.join(optimizers.LEARNED)}"
+                f"unknown learned optimizer {cfg.optimizer!r}; known: "
+                f"{', '.join([*optimizers.LEARNED, *CONFIGURATIONS])}"
             )
         from optim4rl import config as config_lib
 
         # Strict: an unknown or ill-typed architecture field is one line, not a TypeError.
-        self.opt = config_lib.from_dict(optimizers.LEARNED[cfg.optimizer], dict(cfg.optimizer_options),
+        self.opt = config_lib.from_dict(optimizers.LEARNED[arch], {**fields, **dict(cfg.optimizer_options)},
                                         "optimizer_options")
         self.init_phi = None
         if cfg.init_from:
             opt, self.init_phi, _ = optimizers.learned_from_spec(f"{cfg.optimizer}:{cfg.init_from}")
-            if cfg.optimizer_options and opt != self.opt:
+            if (cfg.optimizer_options or fields) and opt != self.opt:
                 raise ConfigError(f"init_from {cfg.init_from}: the file's architecture {opt.config()} "
                                   f"differs from optimizer_options {dict(cfg.optimizer_options)}")
             self.opt = opt

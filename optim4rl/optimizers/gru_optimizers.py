@@ -67,10 +67,10 @@ class Optim4RL(LearnedOptimizer):
     Attributes:
       hidden_size: GRU state size (8).
       head_sizes: hidden layers of each MLP head (16, 16), ReLU. ``()`` gives the linear heads of
-        the reference code's later version.
+        the authors' final (RLC 2024) code, the ``rlc2024`` configuration.
       inputs: ``"sign_log"``: GRU-1 reads ``(sign g, log(|g| + log_eps))`` and GRU-2 reads
-        ``2·log(|g| + log_eps)``, the log of ``g²`` (paper, first reference version);
-        ``"raw"``: GRU-1 reads ``g`` and GRU-2 reads ``g²`` (later reference version; the
+        ``2·log(|g| + log_eps)``, the log of ``g²`` (the arXiv paper and the authors' 2023 code);
+        ``"raw"``: GRU-1 reads ``g`` and GRU-2 reads ``g²`` (the authors' final, RLC 2024 code; the
         "no gradient processing" ablation).
       log_eps: ε inside the log of the gradient processing (1e-18). Gradients far below it all
         look alike to the network; that is the only information the processing drops.
@@ -80,8 +80,8 @@ class Optim4RL(LearnedOptimizer):
         standard initialisation, so every coordinate gets nearly the same step size. A factor
         such as 0.1 keeps the inputs of order one and loses no information; on its own it did not
         make CPU-scale meta-training use |g| (docs/DESIGN.md).
-      sign_flip: the public reference code's learned sign (off by default, as in the paper and
-        docs/paper_settings.md §1). GRU-1's head gives two outputs; the first becomes ``s = sign(tanh(o + sign_bias))``
+      sign_flip: the learned sign of the authors' 2023 code (their final code has none; off by
+        default, as in the paper). GRU-1's head gives two outputs; the first becomes ``s = sign(tanh(o + sign_bias))``
         in the forward pass, with the gradient of ``tanh`` (straight-through), and
         ``m = s · sign(g) · exp(o1)``. The optimizer may then step *against* the current gradient
         where its history says the sign is noise, a momentum-like move the paper's form cannot

@@ -6,6 +6,8 @@ Spec forms::
     "optim4rl:init"                 a learned architecture with fresh, untrained φ (seed 0)
     "optim4rl:runs/x/opt.o4r"       a learned optimizer from a parameter file
     "optim4rl:grid6"                a shipped pretrained optimizer (optim4rl/pretrained/grid6.o4r)
+    "rlc2024:init"                  a named configuration of an architecture (registry.CONFIGURATIONS),
+                                    here Optim4RL as in the final (RLC 2024) paper version
 
 The learned names are ``optim4rl``, ``l2l``, ``lin`` and ``star``.
 """
@@ -26,7 +28,8 @@ import optax
 from optim4rl.errors import ConfigError, ParameterFileError
 from optim4rl.optimizers.base import LearnedOptimizer, MetaParams, clip_enabled
 from optim4rl.optimizers.files import load
-from optim4rl.optimizers.registry import LEARNED, OPTIONAL_LEARNED, hand_designed, pretrained_path
+from optim4rl.optimizers.registry import (CONFIGURATIONS, LEARNED, OPTIONAL_LEARNED, hand_designed,
+                                          pretrained_path, resolve_configuration)
 
 
 def make_optimizer(spec: str, learning_rate: Any, grad_clip: float | None = None,
@@ -54,7 +57,7 @@ def make_optimizer(spec: str, learning_rate: Any, grad_clip: float | None = None
             raise ConfigError(f"{what} must be a finite number or None (<= 0: off), got {clip!r}")
     name, has_source, source = spec.strip().partition(":")
     name = name.strip().lower()
-    if not has_source and name in LEARNED:
+    if not has_source and (name in LEARNED or name in CONFIGURATIONS):
         raise ConfigError(f"learned optimizer '{name}' needs meta-parameters: use '{name}:init', "
                           f"'{name}:PATH.o4r' or '{name}:PRETRAINED'")
     if not has_source and name not in OPTIONAL_LEARNED:
@@ -94,6 +97,16 @@ def learned_from_spec(spec: str, **config: Any) -> tuple[LearnedOptimizer, MetaP
     """
     name, _, source = spec.strip().partition(":")
     name, source = name.strip().lower(), source.strip()
+    arch, fields = resolve_configuration(name)
+    if name in CONFIGURATIONS:
+        if source == "init":
+            return learned_from_spec(f"{arch}:init", **{**fields, **config})
+        opt, phi, info = learned_from_spec(f"{arch}:{source}", **config)
+        differ = {k: getattr(opt, k) for k, v in fields.items() if _normal(getattr(opt, k)) != _normal(v)}
+        if differ:
+            raise ParameterFileError(f"'{spec}': the file's {arch} optimizer is not the {name} configuration "
+                                     f"(it has {differ}); use '{arch}:{source}'")
+        return opt, phi, info
     if name in OPTIONAL_LEARNED:
         raise ConfigError(f"{name}: VeLO needs its pretrained weights, which are not shipped and "
                           "cannot be downloaded here; loading user-supplied VeLO weights is not "
@@ -131,7 +144,8 @@ def optimizer_source(spec: str) -> dict[str, Any] | None:
     """
     name, sep, source = spec.strip().partition(":")
     source = source.strip()
-    if not sep or name.strip().lower() not in LEARNED or source in ("", "init"):
+    name = resolve_configuration(name)[0]
+    if not sep or name not in LEARNED or source in ("", "init"):
         return None
     path = _source_path(source)
     try:
@@ -139,6 +153,10 @@ def optimizer_source(spec: str) -> dict[str, Any] | None:
     except OSError as error:
         raise ParameterFileError(f"{path}: cannot read optimizer file ({error.strerror})") from None
     return {"path": str(path), "sha256": digest}
+
+
+def _normal(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _source_path(source: str) -> str | os.PathLike:

@@ -16,6 +16,26 @@ from optim4rl.optimizers.star import STAR
 
 LEARNED = {"optim4rl": Optim4RL, "l2l": L2L, "lin": Lin, "star": STAR}
 
+# Named configurations of a learned architecture: NAME -> (architecture, fields). A name here is
+# used wherever an architecture is (``rlc2024:init``, ``rlc2024:FILE.o4r``, meta-train
+# ``--optimizer rlc2024``); files record the architecture and its fields, never the name.
+#   rlc2024: Optim4RL as in the authors' code for the final paper version (RLC 2024): GRU-1 reads
+#     the raw g and GRU-2 g², each followed by one linear layer 8 -> 1, ε = 1e-8 inside the square
+#     root, no sign flip. At its initialisation (zero biases, zero state) it steps α·sign(g) for
+#     small |g|. The seed's default (sign/log inputs, 16-16 heads) stays plain ``optim4rl``.
+CONFIGURATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "rlc2024": ("optim4rl", {"inputs": "raw", "head_sizes": (), "eps": 1e-8, "sign_flip": False}),
+}
+
+
+def resolve_configuration(name: str) -> tuple[str, dict[str, Any]]:
+    """``"rlc2024"`` -> ``("optim4rl", its fields)``; an architecture name -> ``(name, {})``."""
+    key = name.strip().lower()
+    if key in CONFIGURATIONS:
+        arch, fields = CONFIGURATIONS[key]
+        return arch, dict(fields)
+    return key, {}
+
 # VeLO (Metz et al. 2022) is an optional baseline whose pretrained weights must be user-supplied.
 OPTIONAL_LEARNED = ("velo",)
 
@@ -50,7 +70,7 @@ def list_optimizers() -> list[str]:
 
     A learned name is used as ``"NAME:init"``, ``"NAME:PATH.o4r"`` or ``"NAME:PRETRAINED"``.
     """
-    return [*hand_designed_names(), *LEARNED, *OPTIONAL_LEARNED]
+    return [*hand_designed_names(), *LEARNED, *CONFIGURATIONS, *OPTIONAL_LEARNED]
 
 
 def list_pretrained() -> list[str]:
