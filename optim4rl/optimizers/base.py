@@ -287,7 +287,7 @@ class LearnedOptimizer:
     # -- shared machinery ------------------------------------------------------------------------
 
     def transform(self, phi: MetaParams, learning_rate: LearningRate,
-                  grad_clip: float | None = None) -> optax.GradientTransformation:
+                  grad_clip: float | None = None) -> optax.GradientTransformationExtraArgs:
         """The learned optimizer with meta-parameters ``phi`` as an optax transformation.
 
         Args:
@@ -296,7 +296,9 @@ class LearnedOptimizer:
           learning_rate: step size α (a float, an array, or an optax schedule of the step count).
           grad_clip: elementwise gradient clip applied before the network (``None`` or ≤ 0: off).
 
-        ``tx.update(grads, state, params)`` returns the additive update (``optax.apply_updates``).
+        ``tx.update(grads, state, params)`` returns the additive update (``optax.apply_updates``),
+        each leaf in its parameter's dtype (the gradient's when ``params`` is not given); the
+        network itself runs in float32. Extra keyword arguments to ``update`` are ignored.
         """
         clip = clip_enabled(grad_clip)
 
@@ -304,9 +306,17 @@ class LearnedOptimizer:
             flat, _ = ravel_pytree(params)
             return self.init_state(flat.size)
 
-        def update_fn(updates: Any, state: NamedTuple, params: Any = None):
-            grads, unravel = ravel_pytree(updates)
-            grads = grads.astype(jnp.float32)
+        def update_fn(updates: Any, state: NamedTuple, params: Any = None, **extra_args: Any):
+            # Extra keyword arguments (optax's GradientTransformationExtraArgs, e.g. `value`)
+            # are accepted and ignored, as optax's own optimizers do.
+            del extra_args
+            like = updates
+            if params is not None and (jax.tree.structure(params)
+                                       == jax.tree.structure(updates)):
+                like = params
+            dtypes = jax.tree.map(lambda leaf: jnp.result_type(leaf), like)
+            grads, unravel = ravel_pytree(
+                jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), updates))
             if clip:
                 grads = jnp.clip(grads, -grad_clip, grad_clip)
             grads = jax.lax.stop_gradient(grads)
@@ -323,9 +333,12 @@ class LearnedOptimizer:
             leaf_sizes = tuple(int(leaf.size) for leaf in jax.tree_util.tree_leaves(updates))
             delta, new_state = self.step(phi, grads, state, flat_params,
                                          jnp.asarray(step_size, jnp.float32), leaf_sizes)
-            return unravel(delta), new_state
+            # The network runs in float32; each update leaf then takes its parameter's dtype
+            # (bf16 parameters get bf16 updates), as optax's optimizers do.
+            delta = jax.tree.map(lambda leaf, dtype: leaf.astype(dtype), unravel(delta), dtypes)
+            return delta, new_state
 
-        return optax.GradientTransformation(init_fn, update_fn)
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
     def meta_shapes(self) -> dict[str, tuple[int, ...]]:
         """``{"gru_m/wi": (2, 24), ...}``: the name and shape of every meta-parameter tensor."""
