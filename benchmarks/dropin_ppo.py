@@ -36,7 +36,7 @@ import optax
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import machine_info, write_report  # noqa: E402
+from _common import git_commit, machine_info, write_report  # noqa: E402
 
 import optim4rl  # noqa: E402
 
@@ -229,6 +229,7 @@ def main() -> None:
         "total_steps": args.steps, "seeds": args.seeds, "repeats": args.repeats,
         "num_params": num_params,
         "cpu_block_size": optim4rl.optimizers.base.CPU_BLOCK_SIZE,
+        "commit": git_commit(),
         **machine_info(),
         "load_average_during": [round(x, 2) for x in loads],
         "run_s": {label: [round(x, 3) for x in t] for label, t in times.items()},
