@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import platform
+import subprocess
 
 
 def machine_info() -> dict:
@@ -22,6 +23,19 @@ def machine_info() -> dict:
         "jax_version": jax.__version__,
         "optim4rl_version": optim4rl.__version__,
     }
+
+
+def git_commit() -> str | None:
+    """The checkout's commit (with ``-dirty`` when it has uncommitted changes), if it is one."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
 
 
 def write_report(path: pathlib.Path, report: dict) -> None:

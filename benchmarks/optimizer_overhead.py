@@ -1,15 +1,20 @@
 """Cost of one optimizer update, learned vs. hand-designed, on a ~100k-parameter MLP.
 
 For every optimizer, times one jitted ``tx.update(grads, state, params)`` (median over many runs,
-each ended by ``block_until_ready``), reports it relative to Adam and per parameter, prints a table
-and writes ``benchmarks/results/optimizer_overhead.json``.
+each ended by ``block_until_ready``), reports it relative to Adam and per parameter, with the
+update's FLOPs per coordinate (XLA's cost analysis of the compiled update; transcendentals
+counted apart) and the fraction of this CPU's float32 peak it reaches, the peak being measured in
+the same run by a large float32 matmul. Prints a table and writes
+``benchmarks/results/optimizer_overhead.json``.
 
-    python benchmarks/optimizer_overhead.py [--repeats 200] [--output PATH]
+    python benchmarks/optimizer_overhead.py [--repeats 200] [--block-single-forward]
+        [--output PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import statistics
 import sys
@@ -22,7 +27,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import machine_info, write_report  # noqa: E402
+from _common import git_commit, machine_info, write_report  # noqa: E402
 
 import optim4rl  # noqa: E402
 
@@ -35,6 +40,7 @@ OPTIMIZERS = {  # label: (spec, architecture options)
     "sgd": ("sgd", {}),
     "optim4rl": ("optim4rl:init", {}),
     "optim4rl_raw": ("optim4rl:init", {"inputs": "raw"}),
+    "rlc2024": ("optim4rl:init", {"inputs": "raw", "head_sizes": ()}),
     "l2l": ("l2l:init", {}),
     "lin": ("lin:init", {}),
     "star": ("star:init", {}),
@@ -50,6 +56,29 @@ def mlp_params(key: jax.Array) -> dict:
             "bias": jnp.zeros((fan_out,), jnp.float32),
         }
     return params
+
+
+def peak_flops(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a ``size``-square float32 matmul (best of ``repeats``): this CPU's usable peak."""
+    a = jax.random.normal(jax.random.key(2), (size, size), jnp.float32)
+    b = jax.random.normal(jax.random.key(3), (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def update_cost(tx, params, grads) -> dict:
+    """XLA's FLOP and transcendental counts of the compiled update."""
+    compiled = jax.jit(tx.update).lower(grads, tx.init(params), params).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"flops": float(cost.get("flops", 0.0)),
+            "transcendentals": float(cost.get("transcendentals", 0.0))}
 
 
 def time_update(tx, params, grads, repeats: int) -> list[float]:
@@ -71,16 +100,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--output", type=pathlib.Path,
                         default=ROOT / "benchmarks" / "results" / "optimizer_overhead.json")
+    parser.add_argument("--block-single-forward", action="store_true",
+                        help="block the forward pass of one agent too (the earlier behaviour)")
     args = parser.parse_args()
+    from optim4rl.optimizers import base
+    base.BLOCK_SINGLE_FORWARD = args.block_single_forward
 
     params = mlp_params(jax.random.key(0))
     grads = jax.tree.map(lambda p: 1e-3 * jax.random.normal(jax.random.key(1), p.shape), params)
     num_params = sum(int(p.size) for p in jax.tree.leaves(params))
 
-    times = {}
+    peak = peak_flops()
+    times, costs, loads = {}, {}, {}
     for label, (spec, options) in OPTIMIZERS.items():
         tx = optim4rl.make_optimizer(spec, learning_rate=1e-3, grad_clip=1.0, **options)
+        costs[label] = update_cost(tx, params, grads)
         times[label] = time_update(tx, params, grads, args.repeats)
+        loads[label] = round(os.getloadavg()[0], 2)
     seconds = {label: statistics.median(t) for label, t in times.items()}
 
     results = {
@@ -90,6 +126,11 @@ def main() -> None:
             "min_us": round(min(times[label]) * 1e6, 2),
             "relative_to_adam": round(s / seconds["adam"], 2),
             "ns_per_param": round(s * 1e9 / num_params, 3),
+            "flops_per_param": round(costs[label]["flops"] / num_params, 1),
+            "transcendentals_per_param": round(costs[label]["transcendentals"] / num_params, 1),
+            # Achieved FLOP/s (median time) over the matmul peak.
+            "percent_of_peak": round(100.0 * costs[label]["flops"] / s / peak, 2),
+            "load_average": loads[label],
         }
         for label, s in seconds.items()
     }
@@ -99,17 +140,24 @@ def main() -> None:
         "num_params": num_params,
         "layer_sizes": list(LAYER_SIZES),
         "repeats": args.repeats,
+        "block_single_forward": base.BLOCK_SINGLE_FORWARD,
+        "cpu_block_size": base.CPU_BLOCK_SIZE,
+        "peak_gflops_matmul_2048": round(peak / 1e9, 1),
+        "commit": git_commit(),
         **machine_info(),
         "results": results,
         "optim4rl_ns_per_param": results["optim4rl"]["ns_per_param"],
     }
 
     print(f"one jitted update, {num_params:,} parameters, {report['device']}, "
-          f"median of {args.repeats}")
-    print(f"{'optimizer':<14}{'median µs':>12}{'min µs':>10}{'× Adam':>9}{'ns/param':>10}")
+          f"median of {args.repeats}; peak (2048² float32 matmul) {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'optimizer':<14}{'median µs':>12}{'min µs':>10}{'× Adam':>9}{'ns/param':>10}"
+          f"{'FLOP/param':>12}{'transc.':>9}{'% peak':>8}{'load':>7}")
     for label, row in results.items():
         print(f"{label:<14}{row['median_us']:>12.1f}{row['min_us']:>10.1f}"
-              f"{row['relative_to_adam']:>9.2f}{row['ns_per_param']:>10.3f}")
+              f"{row['relative_to_adam']:>9.2f}{row['ns_per_param']:>10.3f}"
+              f"{row['flops_per_param']:>12.1f}{row['transcendentals_per_param']:>9.1f}"
+              f"{row['percent_of_peak']:>8.2f}{row['load_average']:>7.2f}")
     write_report(args.output, report)
 
 

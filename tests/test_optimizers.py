@@ -558,3 +558,27 @@ def test_learned_registry():
     for name, cls in LEARNED.items():
         assert cls.name == name and cls() == cls.from_config(cls().config())
         hash(cls())  # frozen architectures can be closed over / used as static jit args
+
+
+@pytest.mark.parametrize("spec", ["optim4rl:grid6", "l2l:init", "lin:init", "star:init"])
+def test_learned_optimizers_take_extra_args_and_keep_the_parameters_dtype(spec):
+    tx = optim4rl.make_optimizer(spec, learning_rate=1e-3, grad_clip=1.0)
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    params = {"w": jnp.full((3, 2), 0.5, jnp.bfloat16), "b": jnp.full((2,), 0.5, jnp.float32)}
+    grads = {"w": jnp.full((3, 2), 1e-2, jnp.bfloat16), "b": jnp.full((2,), 1e-2, jnp.float32)}
+    state = tx.init(params)
+    # Extra keyword arguments (optax.chain passes e.g. `value` to every member) are ignored.
+    updates, _ = tx.update(grads, state, params, value=jnp.float32(1.0), grad=grads)
+    plain, _ = tx.update(grads, state, params)
+    assert updates["w"].dtype == jnp.bfloat16 and updates["b"].dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(updates["w"], np.float32),
+                                  np.asarray(plain["w"], np.float32))
+    # The bf16 update is the float32 network's update, rounded once.
+    params32 = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+    grads32 = jax.tree.map(lambda x: x.astype(jnp.float32), grads)
+    full, _ = tx.update(grads32, tx.init(params32), params32)
+    np.testing.assert_allclose(np.asarray(updates["w"], np.float32), np.asarray(full["w"]),
+                               rtol=1e-2)
+    # It composes with optax's extra-args chains.
+    chained = optax.chain(optax.clip_by_global_norm(1.0), tx)
+    chained.update(grads, chained.init(params), params, value=jnp.float32(1.0))

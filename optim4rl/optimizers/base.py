@@ -64,6 +64,13 @@ def clip_enabled(grad_clip: Any) -> bool:
 # the last-level cache ([16, 32k] float32 = 2 MiB per layer). Measured on a 2-core EPYC: the
 # meta-gradient is fastest at 32k (16k: +20%, 64k: +25%), the forward pass at 32k-64k.
 CPU_BLOCK_SIZE = 32768
+# Whether the forward pass of one agent (no vmap) is blocked too. Measured on the same 2-core
+# EPYC (one update, default and rlc2024 architectures, alternating runs): unblocked is 3-5x
+# faster at 100k coordinates and 1.2-2x faster at 1M, because XLA runs the loop's small
+# per-block kernels one after the other, while a vmapped population's blocked forward pass was
+# 2-5x faster than unblocked (default architecture, 8 and 64 agents of 85k coordinates).
+# The backward pass stays blocked in both cases: that is where blocking saves memory.
+BLOCK_SINGLE_FORWARD = False
 # Narrowest block along one agent's coordinates when a population is vmapped: the block then
 # spans all agents, so each agent contributes only CPU_BLOCK_SIZE / agents coordinates.
 MIN_BLOCK_WIDTH = 128
@@ -83,7 +90,9 @@ def coordinatewise(network: Network, phi: Any, columns: tuple) -> tuple:
     Why: the network keeps ~24 activations per coordinate, so on a whole agent population
     (millions of coordinates) every layer streams [24, N] arrays through main memory, and
     reverse-mode differentiation stores all of them. On CPU this runs the coordinates in blocks
-    of about :data:`CPU_BLOCK_SIZE` inside a loop, so the activations stay in cache, and its
+    of about :data:`CPU_BLOCK_SIZE` inside a loop, so the activations stay in cache (the forward
+    pass of a single, unvmapped agent runs unblocked, which measured faster: see
+    :data:`BLOCK_SINGLE_FORWARD`), and its
     backward pass (a custom VJP) recomputes each block's activations right before that block's
     vector-Jacobian product: nothing larger than the inputs and outputs is kept for the backward
     pass, and each block's forward and backward run on cached data. Under ``vmap`` (a population
@@ -128,7 +137,7 @@ def _forward_blocks(network, block_size, batch_dims, phi, columns):
     """The network's outputs, block by block; columns carry ``batch_dims`` leading batch axes."""
     n = columns[0].shape[-1]
     width, num_blocks = _block_layout(n, math.prod(columns[0].shape[:batch_dims]), block_size)
-    if num_blocks == 1:
+    if num_blocks == 1 or (batch_dims == 0 and not BLOCK_SINGLE_FORWARD):
         return tuple(network(phi, columns))
 
     def run_block(start):
@@ -278,7 +287,7 @@ class LearnedOptimizer:
     # -- shared machinery ------------------------------------------------------------------------
 
     def transform(self, phi: MetaParams, learning_rate: LearningRate,
-                  grad_clip: float | None = None) -> optax.GradientTransformation:
+                  grad_clip: float | None = None) -> optax.GradientTransformationExtraArgs:
         """The learned optimizer with meta-parameters ``phi`` as an optax transformation.
 
         Args:
@@ -287,7 +296,9 @@ class LearnedOptimizer:
           learning_rate: step size α (a float, an array, or an optax schedule of the step count).
           grad_clip: elementwise gradient clip applied before the network (``None`` or ≤ 0: off).
 
-        ``tx.update(grads, state, params)`` returns the additive update (``optax.apply_updates``).
+        ``tx.update(grads, state, params)`` returns the additive update (``optax.apply_updates``),
+        each leaf in its parameter's dtype (the gradient's when ``params`` is not given); the
+        network itself runs in float32. Extra keyword arguments to ``update`` are ignored.
         """
         clip = clip_enabled(grad_clip)
 
@@ -295,9 +306,17 @@ class LearnedOptimizer:
             flat, _ = ravel_pytree(params)
             return self.init_state(flat.size)
 
-        def update_fn(updates: Any, state: NamedTuple, params: Any = None):
-            grads, unravel = ravel_pytree(updates)
-            grads = grads.astype(jnp.float32)
+        def update_fn(updates: Any, state: NamedTuple, params: Any = None, **extra_args: Any):
+            # Extra keyword arguments (optax's GradientTransformationExtraArgs, e.g. `value`)
+            # are accepted and ignored, as optax's own optimizers do.
+            del extra_args
+            like = updates
+            if params is not None and (jax.tree.structure(params)
+                                       == jax.tree.structure(updates)):
+                like = params
+            dtypes = jax.tree.map(lambda leaf: jnp.result_type(leaf), like)
+            grads, unravel = ravel_pytree(
+                jax.tree.map(lambda leaf: jnp.asarray(leaf, jnp.float32), updates))
             if clip:
                 grads = jnp.clip(grads, -grad_clip, grad_clip)
             grads = jax.lax.stop_gradient(grads)
@@ -314,9 +333,12 @@ class LearnedOptimizer:
             leaf_sizes = tuple(int(leaf.size) for leaf in jax.tree_util.tree_leaves(updates))
             delta, new_state = self.step(phi, grads, state, flat_params,
                                          jnp.asarray(step_size, jnp.float32), leaf_sizes)
-            return unravel(delta), new_state
+            # The network runs in float32; each update leaf then takes its parameter's dtype
+            # (bf16 parameters get bf16 updates), as optax's optimizers do.
+            delta = jax.tree.map(lambda leaf, dtype: leaf.astype(dtype), unravel(delta), dtypes)
+            return delta, new_state
 
-        return optax.GradientTransformation(init_fn, update_fn)
+        return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
     def meta_shapes(self) -> dict[str, tuple[int, ...]]:
         """``{"gru_m/wi": (2, 24), ...}``: the name and shape of every meta-parameter tensor."""
