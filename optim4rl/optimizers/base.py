@@ -17,8 +17,9 @@ The gradient (and, for STAR, the parameters) enter the network through ``stop_gr
 meta-training differentiates a loss through ``tx.update`` with respect to ``φ``, there are no
 second-order terms (docs/paper_settings.md §1, §2).
 
-On CPU the recurrent optimizers run their network through :func:`coordinatewise`, in
-cache-sized blocks of coordinates with a block-wise recomputing backward pass.
+On CPU the recurrent optimizers run their network through :func:`coordinatewise`: a vmapped
+population in cache-sized blocks of coordinates, one agent's forward pass in one piece, and the
+backward pass block by block, recomputing each block's activations.
 """
 
 from __future__ import annotations
