@@ -701,7 +701,8 @@ def cmd_reproduce(args) -> int:
         if event.get("event") == "experiment":
             print(f"== {event['name']}: {event['title']}", file=sys.stderr)
         else:
-            state = "done before, skipped" if event["skipped"] else "training"
+            state = ("not finished, left out" if event.get("left_out")
+                     else "done before, skipped" if event["skipped"] else "training")
             print(f"   [{event['done'] + 1}/{event['total']}] {event['env']}: {event['optimizer']} "
                   f"lr {event['learning_rate']:g} ({state})", file=sys.stderr)
 

@@ -180,7 +180,8 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
                 skipped = _finished(run_dir, expected)
                 if callback:
                     callback({"event": "start", "env": env, "optimizer": label, "learning_rate": lr,
-                              "skipped": skipped, "done": done_runs, "total": total_runs})
+                              "skipped": skipped, "done": done_runs, "total": total_runs,
+                              "left_out": only_finished and not skipped})
                 if not skipped and only_finished:
                     unfinished.append(f"{env}: {label} lr {lr:g}")
                     done_runs += 1
