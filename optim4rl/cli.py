@@ -819,7 +819,11 @@ def cmd_sweep(args) -> int:
                                overrides=overrides, regime=regime, time_limit_s=args.time_limit,
                                selection_runs_dir=args.selection_runs)
     grid = sweep_lib.points(spec)
-    out = Path(args.out)
+    from optim4rl.runs import check_writable_dir
+
+    out = check_writable_dir(Path(args.out))
+    for _, settings in grid:  # every point's config is checked before anything is printed or made
+        sweep_lib.meta_config(spec, settings)
     print(f"optim4rl sweep: {len(grid)} points of {args.preset} -> {out}", file=sys.stderr)
 
     def report(event):
@@ -840,7 +844,7 @@ def cmd_sweep(args) -> int:
 
 def register_sweep(sub) -> None:
     p = sub.add_parser(
-        "sweep", help="meta-train a grid of configs, evaluate every file, select the best, re-evaluate it",
+        "sweep", formatter_class=HelpFormatter, help="meta-train a grid of configs, evaluate every file, select the best, re-evaluate it",
         description="One meta-training run directory per grid point (resumable; a rerun continues), "
                     "within an optional wall-clock budget; then every finished file trains fresh A2C agents "
                     "in a stated regime (default: the final paper version's, 512 envs, score = mean return "
@@ -854,15 +858,15 @@ def register_sweep(sub) -> None:
     p.add_argument("--time-limit", dest="time_limit", type=_positive_seconds, metavar="SECONDS",
                    help="wall-clock budget for meta-training in this invocation; rerun to continue")
     p.add_argument("--eval-env", dest="eval_env", help="evaluation task (default: the first meta-training task)")
-    p.add_argument("--eval-steps", dest="eval_steps", type=int, help="env steps per evaluation seed (default 1e7)")
-    p.add_argument("--eval-num-envs", dest="eval_num_envs", type=int, help="A2C envs in evaluation (default 512)")
-    p.add_argument("--eval-lr", dest="eval_lr", type=float, help="step size (default: the task's meta-training α)")
-    p.add_argument("--eval-seeds", dest="eval_seeds", type=int, help="selection seeds 0..N-1 (default 3)")
-    p.add_argument("--fresh-seeds", dest="fresh_seeds", type=int, help="re-evaluation seeds (default 3)")
-    p.add_argument("--fresh-seed", dest="fresh_seed", type=int, help="first re-evaluation seed (default 1000)")
-    p.add_argument("--score-last-updates", dest="score_last_updates", type=int, metavar="N",
+    p.add_argument("--eval-steps", dest="eval_steps", type=positive_int, help="env steps per evaluation seed (default 1e7)")
+    p.add_argument("--eval-num-envs", dest="eval_num_envs", type=positive_int, help="A2C envs in evaluation (default 512)")
+    p.add_argument("--eval-lr", dest="eval_lr", type=positive_float, help="step size (default: the task's meta-training α)")
+    p.add_argument("--eval-seeds", dest="eval_seeds", type=positive_int, help="selection seeds 0..N-1 (default 3)")
+    p.add_argument("--fresh-seeds", dest="fresh_seeds", type=positive_int, help="re-evaluation seeds (default 3)")
+    p.add_argument("--fresh-seed", dest="fresh_seed", type=seed_int, help="first re-evaluation seed (default 1000)")
+    p.add_argument("--score-last-updates", dest="score_last_updates", type=nonneg_int, metavar="N",
                    help="score = mean return of the last N updates (default 20; 0 = last 10%% of returns)")
-    p.add_argument("--grad-clip", dest="grad_clip", type=float, help="elementwise clip in evaluation (default 1; 0 off)")
+    p.add_argument("--grad-clip", dest="grad_clip", type=nonneg_float, help="elementwise clip in evaluation (default 1; 0 off)")
     p.add_argument("--reference", help="hand-designed optimizer evaluated alongside (default adam; none = no reference)")
     p.add_argument("--selection-runs", dest="selection_runs", metavar="DIR",
                    help="training runs of the selection phase (default OUT/selection/runs); the runs "

@@ -227,3 +227,17 @@ def test_list_pretrained_names_each_file_by_its_architecture(capsys):
     out = capsys.readouterr().out
     assert "l2l:l2l-big_dense_long" in out and "star:star-big_dense_long" in out
     assert "optim4rl:grid6 " in out
+
+
+@pytest.mark.parametrize("command", [
+    "sweep --preset catch-cpu --sweep seed=0,1 --out s --eval-lr nan",
+    "sweep --preset catch-cpu --sweep seed=0,1 --out s --eval-seeds 0",
+    "sweep --preset nosuch --sweep seed=0,1 --out s",
+])
+def test_sweep_bad_input(command, tmp_path, monkeypatch, capsys):
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    code, err = _one_line_error(shlex.split(command), capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("optim4rl: error:"), err
+    assert os.listdir(tmp_path) == []
