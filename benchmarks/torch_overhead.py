@@ -19,12 +19,14 @@ import argparse
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _common import git_commit  # noqa: E402
 
 LAYER_SIZES = (64, 256, 256, 64, 17)  # 99,985 parameters in 8 tensors, as optimizer_overhead.py
 LEARNED = {  # label: (optim4rl.torch class name, spec of the same φ for JAX)
@@ -94,17 +96,6 @@ def time_jax(spec: str, repeats: int) -> list[float]:
         params, state = jax.block_until_ready(step(params, state))
         times.append(time.perf_counter() - start)
     return times
-
-
-def git_commit() -> str | None:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
 
 
 def main() -> None:

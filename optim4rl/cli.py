@@ -145,11 +145,11 @@ def _load_preset_section(name: str | None, section: str, command: str) -> dict:
 
 # --- train -----------------------------------------------------------------------------------
 
-def _flat_overrides(items: list[str] | None, section: str, preset: dict) -> dict:
-    """--set KEY=VALUE (or SECTION.KEY=VALUE) items over the preset's table of agent settings."""
+def _flat_overrides(items: list[str] | None, section: str) -> dict:
+    """--set KEY=VALUE (or SECTION.KEY=VALUE) items as a flat table of agent settings."""
     from optim4rl import config as config_lib
 
-    overrides = dict(preset.get(section, {}))
+    overrides = {}
     for item in items or []:
         keys, value = config_lib.parse_override(item)
         if keys[0] == section:
@@ -186,7 +186,7 @@ def cmd_train(args) -> int:
         spec_data["learning_rate"] = training.default_learning_rate(
             spec_data.get("agent", defaults.agent), spec_data.get("env", defaults.env))
     spec = config_lib.from_dict(training.TrainSpec, spec_data, "train")
-    cli_sets = _flat_overrides(args.set, "agent", {})
+    cli_sets = _flat_overrides(args.set, "agent")
     _refuse_conflict("--steps", "total_steps", args.steps, cli_sets)
     overrides = {**preset.get("agent", {}), **cli_sets}
     if args.steps is not None:
@@ -493,7 +493,7 @@ def cmd_compare(args) -> int:
         data["score_last_updates"] = args.score_last_updates
     if args.grad_clip is not None:
         data["grad_clip"] = _clip(args.grad_clip)
-    cli_sets = _flat_overrides(args.set, "agent", {})
+    cli_sets = _flat_overrides(args.set, "agent")
     _refuse_conflict("--steps", "total_steps", args.steps, cli_sets)
     overrides = {**(data.pop("agent_overrides", {}) or preset.get("agent", {})), **cli_sets}
     data["agent_overrides"] = overrides

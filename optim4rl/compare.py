@@ -157,8 +157,8 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
         for label, name, rates in entries:
             for lr in rates or (training.default_learning_rate(spec.agent, env),):
                 train_spec, agent_cfg = _run_spec(spec, env, name, lr)
-                training.make_tx(train_spec)
-            training.agent_module(spec.agent).make_train(agent_cfg, training.make_tx(train_spec))
+                tx = training.make_tx(train_spec)
+        training.agent_module(spec.agent).make_train(agent_cfg, tx)  # the env, once per task
     RunDir(out).write_config(spec)
     results_rows: list[dict] = []
     per_task: dict[str, dict] = {}

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.resources
-import json
 import os
 import pathlib
 import struct
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
 from optim4rl.errors import ConfigError, ParameterFileError
+from optim4rl.o4r_format import describe_mismatch as _describe_mismatch
+from optim4rl.o4r_format import parse_header as _parse_header
 from optim4rl.torch.architectures import ARCHITECTURES, check_config, meta_shapes
 
 MAGIC = b"\x89O4R\r\n\x1a\n"
@@ -146,39 +147,3 @@ def parse(raw: bytes, path: str = "<bytes>") -> O4RFile:
         raise ParameterFileError(f"{path}: tensors do not match the {architecture} architecture "
                                  f"{config}: {_describe_mismatch(got, expected)}")
     return O4RFile(architecture, config, tensors, header["info"], path, header["data_sha256"])
-
-
-def _parse_header(path: str, header_bytes: bytes) -> dict[str, Any]:
-    try:
-        header = json.loads(header_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ParameterFileError(f"{path}: corrupt .o4r file (header is not valid JSON)") from None
-    fields = {"architecture": str, "config": dict, "info": dict, "tensors": list,
-              "data_nbytes": int, "data_sha256": str}
-    if not isinstance(header, dict) or any(not isinstance(header.get(k), t)
-                                           for k, t in fields.items()):
-        raise ParameterFileError(f"{path}: corrupt .o4r file (header lacks required fields)")
-    entry_fields = {"name": str, "shape": list, "dtype": str, "offset": int, "nbytes": int}
-    names = set()
-    for entry in header["tensors"]:
-        if (not isinstance(entry, dict)
-                or any(not isinstance(entry.get(k), t) for k, t in entry_fields.items())
-                or not all(isinstance(d, int) and d >= 0 for d in entry["shape"])
-                or entry["offset"] < 0 or entry["nbytes"] < 0 or entry["name"] in names):
-            raise ParameterFileError(f"{path}: corrupt .o4r file (bad tensor table)")
-        names.add(entry["name"])
-    return header
-
-
-def _describe_mismatch(got: dict[str, tuple], expected: dict[str, tuple]) -> str:
-    parts = []
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    if missing:
-        parts.append(f"missing {missing}")
-    if unexpected:
-        parts.append(f"unexpected {unexpected}")
-    for name in sorted(set(got) & set(expected)):
-        if got[name] != expected[name]:
-            parts.append(f"{name} has shape {got[name]}, expected {expected[name]}")
-    return "; ".join(parts)
