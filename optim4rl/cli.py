@@ -169,7 +169,6 @@ def _refuse_conflict(flag: str, key: str, flag_value: Any, sets: dict) -> None:
 def cmd_train(args) -> int:
     from optim4rl import config as config_lib
     from optim4rl import training
-    from optim4rl.runs import claim_run_dir
 
     preset = _load_preset_section(args.preset, "train", "train")
     spec_data = dict(preset.get("train", {}))
@@ -196,8 +195,10 @@ def cmd_train(args) -> int:
     # Everything that can be wrong is found here, before a header, a bar or a directory.
     prepared = training.prepare(spec, agent_config)
     training.check_memory(prepared)
-    mode = claim_run_dir(out, training.run_config(spec, agent_config), resume=args.resume,
-                         overwrite=args.overwrite)
+    mode = training.claim(out, spec, agent_config, resume=args.resume, overwrite=args.overwrite)
+    extended_from = None
+    if mode == "resume":
+        prepared, extended_from = training.for_resume(out, prepared)
     if mode == "finished":
         print(f"optim4rl train: {out} already holds this run, finished, with the same config; "
               "nothing to do (--overwrite runs it again)", file=sys.stderr)
@@ -209,7 +210,9 @@ def cmd_train(args) -> int:
                 if steps != asked else "")
     print(f"optim4rl train: {spec.agent} on {spec.env} with {spec.optimizer} (lr {spec.learning_rate:g}), "
           f"{spec.seeds} seed(s), {steps:,} env steps each{rounding} -> {out}"
-          f"{' (resuming)' if mode == 'resume' else ''}", file=sys.stderr)
+          f"{' (resuming)' if mode == 'resume' and extended_from is None else ''}"
+          f"{f' (resuming, extended from {extended_from:,} steps)' if extended_from is not None else ''}",
+          file=sys.stderr)
     bar = Progress(f"{spec.agent}/{spec.env}")
     try:
         summary = training.run(spec, agent_config, out, callback=bar, resume=mode == "resume",
@@ -407,6 +410,7 @@ def cmd_meta_train(args) -> int:
     name = args.preset or "custom"
     out = _out_dir(args, f"meta-{cfg.optimizer}-{Path(name).stem}")
     trainer = MetaTrainer(cfg)  # unknown envs, architectures or init_from files fail here
+    meta_train.check_memory(trainer)
     mode = claim_run_dir(out, cfg, resume=args.resume, overwrite=args.overwrite,
                          extendable={"iterations": "--iterations"})
     if mode == "finished":

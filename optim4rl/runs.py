@@ -196,7 +196,8 @@ def recorded_config(path: Path | str) -> dict | None:
 
 
 def claim_run_dir(path: Path | str, config: Any, *, resume: bool = False, overwrite: bool = False,
-                  extendable: Mapping[str, str] | None = None, finished: str = "summary.json") -> str:
+                  extendable: Mapping[str, str] | None = None, fixed: Mapping[str, str] | None = None,
+                  finished: str = "summary.json") -> str:
     """Decides what a new run may do with directory `path`, before anything is written there.
 
     Returns "fresh" (empty or absent directory, or --overwrite), "resume" (a checkpoint of the
@@ -204,7 +205,8 @@ def claim_run_dir(path: Path | str, config: Any, *, resume: bool = False, overwr
     A run of another config is refused with one line naming the differing keys, so a directory
     never holds numbers of one config under the record of another. `extendable` maps dotted
     keys that a resumed run may increase (the step or iteration budget) to the flag that sets
-    them; their change is allowed on --resume only and recorded by the caller.
+    them; their change is allowed on --resume only and recorded by the caller. `fixed` maps keys
+    that --resume may not change to the reason, given in the refusal.
     """
     path = check_writable_dir(path)
     if resume and overwrite:
@@ -230,6 +232,9 @@ def claim_run_dir(path: Path | str, config: Any, *, resume: bool = False, overwr
     diffs = config_differences(recorded, wanted)
     extended = [d for d in diffs if d in (extendable or {})]
     others = [d for d in diffs if d not in (extendable or {})]
+    for key in others:
+        if resume and key in (fixed or {}):
+            raise Optim4RLError(f"--resume cannot change {key} of the run in {path}: {fixed[key]}")
     if others or (extended and not resume):
         shown = ", ".join(others + extended)
         raise Optim4RLError(f"{path} holds a run with a different config ({shown}); use --resume with "
@@ -242,6 +247,8 @@ def claim_run_dir(path: Path | str, config: Any, *, resume: bool = False, overwr
             if not (isinstance(old, (int, float)) and isinstance(new, (int, float)) and new > old):
                 raise Optim4RLError(f"--resume can extend {key} ({extendable[key]}) but not shrink it "
                                     f"({old} -> {new})")
+        if extended:  # the finished run's summary is no longer this run's: a kill must not revive it
+            (path / finished).unlink(missing_ok=True)
         _remove_stale_tmp(path)
         return "resume"
     if (path / finished).exists() and _finished_summary(path / finished):

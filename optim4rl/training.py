@@ -137,10 +137,13 @@ class PreparedRun:
         return shard_population(state, self.mesh)
 
 
-def prepare(spec: TrainSpec, agent_config: Any) -> PreparedRun:
+def prepare(spec: TrainSpec, agent_config: Any, updates_per_chunk: int | None = None) -> PreparedRun:
+    """Builds the jitted chunk function. ``updates_per_chunk`` (A2C) fixes the chunk size instead
+    of deriving it from the budget: a run extended on --resume keeps its recorded chunks, so its
+    checkpoint's chunk count still means the same number of updates."""
     module = agent_module(spec.agent)
     probe = module.make_train(agent_config, make_tx(spec))
-    per_chunk = _updates_per_chunk(probe.num_updates, spec.log_chunks)
+    per_chunk = updates_per_chunk or _updates_per_chunk(probe.num_updates, spec.log_chunks)
     # PPO evaluates once per chunk: its config's own chunking sets the number of evaluations.
     if spec.agent != "ppo" and getattr(agent_config, "updates_per_chunk", None) != per_chunk:
         agent_config = dataclasses.replace(agent_config, updates_per_chunk=per_chunk)
@@ -181,6 +184,35 @@ def run_config(spec: TrainSpec, agent_config: Any, extra_config: Mapping[str, An
             "optimizer_source": optimizer_source(spec.optimizer), **(extra_config or {})}
 
 
+# A resumed A2C run may be given a larger step budget (--steps): the updates so far are the same
+# whatever the budget (nothing in A2C depends on it), so the run continues where it stopped.
+# PPO's evaluation schedule and chunking are derived from the budget, so its budget is fixed.
+EXTENDABLE = {"a2c": {"agent.total_steps": "--steps"}, "ppo": {}}
+FIXED_ON_RESUME = {"ppo": {"agent.total_steps": "a PPO run's evaluation schedule and chunks are derived from "
+                                                "its step budget; start a new --out for a longer run"}}
+
+
+def claim(out: Path | str, spec: TrainSpec, agent_config: Any, *, resume: bool = False,
+          overwrite: bool = False, extra_config: Mapping[str, Any] | None = None) -> str:
+    """`runs.claim_run_dir` for a training run (an A2C run's step budget may grow on --resume)."""
+    return claim_run_dir(out, run_config(spec, agent_config, extra_config), resume=resume, overwrite=overwrite,
+                         extendable=EXTENDABLE.get(spec.agent), fixed=FIXED_ON_RESUME.get(spec.agent))
+
+
+def for_resume(out: Path | str, prepared: "PreparedRun") -> tuple["PreparedRun", int | None]:
+    """The prepared run that continues the checkpoint in `out`, and the step budget it extends
+    (None unless --steps grew). An extended run keeps its recorded chunk size."""
+    record = json.loads((Path(out) / "config.json").read_text())
+    old_steps = record["config"]["agent"].get("total_steps")
+    extended_from = record.get("extended_from_steps")
+    if old_steps != prepared.agent_config.total_steps:
+        extended_from = record.get("env_steps_per_seed", old_steps)
+    per_chunk = record.get("updates_per_chunk")
+    if extended_from is not None and per_chunk and per_chunk != prepared.train.updates_per_chunk:
+        prepared = prepare(prepared.spec, prepared.agent_config, updates_per_chunk=int(per_chunk))
+    return prepared, extended_from
+
+
 def actual_steps(prepared: "PreparedRun") -> int:
     """Env steps per seed the run really takes: the budget rounded up to whole updates (and
     chunks), e.g. 200,000 asked -> 204,800 with 1,280 steps per update."""
@@ -206,11 +238,14 @@ def run(
     `resume` continues the run from its checkpoint; the config must be the recorded one.
     """
     record = run_config(spec, agent_config, extra_config)
-    mode = claim_run_dir(out, record, resume=resume, overwrite=overwrite)
+    mode = claim(out, spec, agent_config, resume=resume, overwrite=overwrite, extra_config=extra_config)
     if mode == "finished":
         return json.loads((Path(out) / "summary.json").read_text())
-    run_dir = RunDir(out)
     prepared = prepared or prepare(spec, agent_config)
+    extended_from = None
+    if mode == "resume":
+        prepared, extended_from = for_resume(out, prepared)
+    run_dir = RunDir(out)
     train = prepared.train
     seed_ids = spec.seed + np.arange(spec.seeds)
     state = prepared.init_state()
@@ -234,6 +269,7 @@ def run(
         env_steps_per_seed=actual_steps(prepared),
         seeds=seed_ids.tolist(),
         devices=[str(d) for d in jax.devices()],
+        **({"extended_from_steps": extended_from} if extended_from is not None else {}),
     )
 
     history: dict[str, list[np.ndarray]] = {}
@@ -295,6 +331,7 @@ def run(
         "valid_per_seed": valid.tolist(), "diverged_seeds": diverged,
         "final_return_per_seed": returns[:, -1].tolist() if returns.size else [],
         "env_steps_per_seed": int(total_steps),
+        **({"extended_from_steps": extended_from} if extended_from is not None else {}),
         "wall_time_s": wall_time, "compile_time_s": compile_s,
         # A resumed run: wall_time_s adds the earlier attempts up to their last checkpoint (work
         # after it was redone and is not counted twice); this attempt alone is reported too.

@@ -7,6 +7,7 @@ divergence. Every case fails before any training, so the file runs in seconds.
 import json
 import os
 
+import numpy as np
 import pytest
 
 from optim4rl import cli, optimizers
@@ -26,6 +27,7 @@ BAD = [
     "meta-train --set optimizer_options.hidden_size=-1", "meta-train --set eval_steps=-1",
     "meta-train --iterations 3 --set iterations=4", "meta-train --no-pipeline --set pipeline=true",
     "meta-train --set init_from=missing.o4r", "meta-train --iterations nan",
+    "meta-train --preset catch-cpu --num-agents 100000000",
     "compare --env catch --optimizers adam@nan", "compare --env catch --optimizers adam nosuch",
     "compare --env catch --optimizers adam --lrs nan", "compare --env nosuch --optimizers adam",
     "compare --env catch --optimizers rmsprop", "compare --env catch --optimizers adam --seeds 1",
@@ -202,6 +204,8 @@ def test_meta_resume_checks_the_config_and_may_extend_iterations(tmp_path, capsy
     record = json.loads((tmp_path / "m" / "config.json").read_text())
     assert record["config"]["iterations"] == 3 and record["extended_from_iterations"] == 2
     assert json.loads((tmp_path / "m" / "summary.json").read_text())["iterations"] == 3
+    assert cli.main([*base, "--iterations", "3", "--resume"]) == 0  # resumed again: still says extended
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["extended_from_iterations"] == 2
 
 
 def test_every_command_and_option_is_described():
@@ -241,3 +245,52 @@ def test_sweep_bad_input(command, tmp_path, monkeypatch, capsys):
     code, err = _one_line_error(shlex.split(command), capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("optim4rl: error:"), err
     assert os.listdir(tmp_path) == []
+
+
+def test_train_resume_may_extend_the_step_budget(tmp_path, capsys):
+    """A finished (or killed) A2C run given a larger --steps on --resume continues from its last
+    checkpoint, keeps its chunk size, records the extension, and its updates are those of a run
+    asked for the larger budget at once."""
+    from optim4rl import training
+
+    spec = training.TrainSpec(env="catch", seeds=2, log_chunks=4, checkpoint_every_chunks=1)
+    short = training.resolve_agent_config(spec, {"total_steps": 4 * 1280})
+    long = training.resolve_agent_config(spec, {"total_steps": 8 * 1280})
+    training.run(spec, short, tmp_path / "run", plot=False)
+    with pytest.raises(Optim4RLError, match="total_steps"):  # longer, but without --resume
+        training.run(spec, long, tmp_path / "run", plot=False)
+    extended = training.run(spec, long, tmp_path / "run", resume=True, plot=False)
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["extended_from_steps"] == 4 * 1280 and extended["extended_from_steps"] == 4 * 1280
+    assert record["updates_per_chunk"] == 1 and extended["env_steps_per_seed"] == 8 * 1280
+    fresh = training.run(spec, long, tmp_path / "fresh", plot=False)
+    rows = training.read_csv(tmp_path / "run" / "metrics.csv")
+    fresh_rows = training.read_csv(tmp_path / "fresh" / "metrics.csv")
+    assert [(r["seed"], r["update"]) for r in rows] == [(r["seed"], r["update"]) for r in fresh_rows]
+    for key in ("loss", "episode_return"):
+        np.testing.assert_allclose([r[key] for r in rows], [r[key] for r in fresh_rows], rtol=1e-5, atol=1e-6)
+    # Resumed again with the same budget: still recorded as extended; a shorter budget is refused.
+    training.run(spec, long, tmp_path / "run", resume=True, plot=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["extended_from_steps"] == 4 * 1280
+    with pytest.raises(Optim4RLError, match="not shrink"):
+        training.run(spec, short, tmp_path / "run", resume=True, plot=False)
+    # From the command line the header says so.
+    code = cli.main(["train", "--env", "catch", "--steps", "2560", "--seeds", "1", "--out", str(tmp_path / "c")])
+    assert code == 0
+    capsys.readouterr()
+    assert cli.main(["train", "--env", "catch", "--steps", "5120", "--seeds", "1", "--resume",
+                     "--out", str(tmp_path / "c")]) == 0
+    assert "extended from 2,560 steps" in capsys.readouterr().err
+
+
+def test_ppo_resume_refuses_a_new_step_budget_with_the_reason(tmp_path):
+    from optim4rl import training
+    from optim4rl.runs import RunDir
+
+    spec = training.TrainSpec(agent="ppo", env="catch", seeds=1)
+    cfg = training.resolve_agent_config(spec, {"total_steps": 20_000})
+    RunDir(tmp_path / "p").write_config(training.run_config(spec, cfg))
+    (tmp_path / "p" / "checkpoint.msgpack").write_bytes(b"")
+    longer = training.resolve_agent_config(spec, {"total_steps": 40_000})
+    with pytest.raises(Optim4RLError, match="cannot change agent.total_steps.*evaluation schedule"):
+        training.claim(tmp_path / "p", spec, longer, resume=True)

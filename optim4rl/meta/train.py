@@ -22,7 +22,7 @@ from optim4rl.meta.config import MetaConfig
 from optim4rl.meta.pipeline import MetaState, MetaTrainer
 from optim4rl.parallel import population_mesh, replicate, shard_population
 from optim4rl.errors import Optim4RLError
-from optim4rl.runs import RunDir, claim_run_dir, load_checkpoint, read_csv, recorded_config, save_checkpoint
+from optim4rl.runs import RunDir, claim_run_dir, load_checkpoint, read_csv, save_checkpoint
 
 Callback = Callable[[dict[str, Any]], None]
 
@@ -68,6 +68,45 @@ class Evaluator:
         return float(np.nanmean(tail)) if np.isfinite(tail).any() else float("nan")
 
 
+def memory_estimate(trainer: MetaTrainer) -> int:
+    """Bytes a meta-iteration needs, roughly and from below: the meta state twice (the chunk's
+    input and output), plus per agent what the backward pass through its K inner updates keeps
+    (each update's carry, its rollout, and one update's optimizer activations, recomputed under
+    remat; all K of them without it). Only for refusing runs that cannot fit, e.g. a typo in
+    num_agents, before anything is allocated."""
+    cfg = trainer.cfg
+    state = jax.eval_shape(trainer.init)
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    need = 2 * state_bytes
+    for pop, setup in zip(state.populations, trainer.tasks):
+        agents = len(setup.offsets)
+        carry = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pop)) // agents
+        coords = sum(x.size for x in jax.tree.leaves(pop.params)) // agents
+        obs = int(np.prod(setup.env.observation_shape))
+        rollout = cfg.envs_per_agent * cfg.rollout_length * (obs + 8) * 4
+        activations = coords * 4 * 64  # the optimizer's gates and heads per coordinate, float32
+        per_update = carry + rollout
+        need += agents * (cfg.inner_updates + 1) * (per_update + (0 if cfg.remat else activations)) \
+            + (agents * activations if cfg.remat else 0)
+    return int(need)
+
+
+def check_memory(trainer: MetaTrainer, fraction: float = 0.8) -> None:
+    """Refuses, with one line, a meta-training run that cannot fit in this machine's memory."""
+    import os
+
+    need = memory_estimate(trainer)
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return
+    if jax.default_backend() == "cpu" and need > fraction * available:
+        agents = ", ".join(str(len(s.offsets)) for s in trainer.tasks)
+        raise Optim4RLError(f"this meta-training run needs at least {need / 2**30:,.1f} GiB ({agents} agents "
+                            f"per task, {trainer.cfg.inner_updates} inner updates each) but "
+                            f"{available / 2**30:,.1f} GiB are free; use fewer agents or envs per agent")
+
+
 def save_optimizer(path: Path, trainer: MetaTrainer, phi, info: dict[str, Any]) -> None:
     from optim4rl import optimizers
 
@@ -97,18 +136,20 @@ def run(
                          extendable={"iterations": "--iterations"})
     if mode == "finished":
         return json.loads((Path(out) / "summary.json").read_text())
-    run_dir = RunDir(out)
     trainer = trainer or MetaTrainer(cfg)
+    check_memory(trainer)
+    run_dir = RunDir(out)
     state = place(trainer.init(), trainer)
     ckpt_path = run_dir.file("checkpoint.msgpack")
     elapsed_before = 0.0
     extended_from = None
     if mode == "resume":
-        previous = recorded_config(out)
+        previous = json.loads(run_dir.file("config.json").read_text())
         state, meta = load_checkpoint(ckpt_path, state)
         elapsed_before = float(meta.get("wall_time_s", 0.0))
-        if previous.get("iterations") != cfg.iterations:
-            extended_from = previous.get("iterations")
+        extended_from = previous.get("extended_from_iterations")  # kept over later resumes
+        if previous["config"].get("iterations") != cfg.iterations:
+            extended_from = previous["config"].get("iterations")
         done = int(state.iteration)
         # Rows after the checkpoint are recomputed (a torn last row is dropped with them).
         rows = [r for r in read_csv(run_dir.file("metrics.csv"), tolerate_torn=True)
