@@ -365,8 +365,8 @@ def _positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
     return value
 
 
@@ -621,6 +621,11 @@ def cmd_gradients(args) -> int:
             _out_dir(args, f"gradients-{agent}-{args.env}-{optimizer.replace(':', '_').replace('/', '_')}"))
         envs.env_family(args.env)
         make_optimizer(optimizer, lr, grad_clip=clip)
+        from optim4rl import training
+
+        # The agent settings are checked here too, before the header (unknown keys, NaN).
+        training.resolve_agent_config(training.TrainSpec(agent=agent, env=args.env, optimizer=optimizer,
+                                                         learning_rate=lr), overrides)
         print(f"optim4rl gradients: {agent} on {args.env} with {optimizer} (lr {lr:g}) -> {out}",
               file=sys.stderr)
         bar = Progress(f"{agent}/{args.env}")
@@ -825,7 +830,7 @@ def cmd_sweep(args) -> int:
     grid = sweep_lib.points(spec)
     from optim4rl.runs import check_writable_dir
 
-    out = check_writable_dir(Path(args.out))
+    out = check_writable_dir(_out_dir(args, 'sweep'))
     for _, settings in grid:  # every point's config is checked before anything is printed or made
         sweep_lib.meta_config(spec, settings)
     print(f"optim4rl sweep: {len(grid)} points of {args.preset} -> {out}", file=sys.stderr)

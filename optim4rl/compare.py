@@ -85,7 +85,9 @@ class CompareSpec:
 
 def parse_optimizer(entry: str, spec: CompareSpec) -> tuple[str, str, tuple[float, ...]]:
     """'adam' or 'adam@1e-3,3e-3' -> (label, optimizer spec, step sizes)."""
-    name, _, lrs = entry.partition("@")
+    name, at, lrs = entry.partition("@")
+    if at and not lrs:
+        raise ConfigError(f"bad step sizes in {entry!r}: use NAME@LR[,LR...] or NAME alone")
     if lrs:
         try:
             rates = tuple(float(x) for x in lrs.split(","))
@@ -146,6 +148,10 @@ def run(spec: CompareSpec, out: Path | str, callback: Callable[[dict], None] | N
     runs_dir = Path(runs_dir) if runs_dir is not None else out / "runs"
     entries = [parse_optimizer(e, spec) for e in spec.optimizers]
     labels = [e[0] for e in entries]
+    twice = sorted({label for label in labels if labels.count(label) > 1})
+    if twice:
+        raise ConfigError(f"optimizer {', '.join(twice)} is listed more than once; list it once with all its "
+                          "step sizes (NAME@LR,LR)")
     if spec.reference not in labels:
         raise ConfigError(f"reference optimizer {spec.reference!r} is not among the optimizers: {', '.join(labels)}")
     check_writable_dir(out)

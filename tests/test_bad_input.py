@@ -34,6 +34,9 @@ BAD = [
     "inspect nosuch", "inspect adam --steps 0",
     "imitate --out x.txt", "imitate --target nosuch --out x.o4r",
     "gradients --env catch --coords 0", "reproduce --only nosuch",
+    "compare --env catch --optimizers adam@", "compare --env catch --optimizers adam adam@1e-3",
+    "gradients --env catch --set bogus=1", "gradients --env catch --set entropy_coef=inf",
+    "meta-train --preset catch-cpu --time-limit inf", "sweep --preset catch-cpu --sweep seed=0,1 --out ''",
 ]
 
 
@@ -294,3 +297,19 @@ def test_ppo_resume_refuses_a_new_step_budget_with_the_reason(tmp_path):
     longer = training.resolve_agent_config(spec, {"total_steps": 40_000})
     with pytest.raises(Optim4RLError, match="cannot change agent.total_steps.*evaluation schedule"):
         training.claim(tmp_path / "p", spec, longer, resume=True)
+
+
+def test_every_numeric_option_refuses_nan_inf_and_words(capsys):
+    """The generated part of scripts/bad_input_battery.py: every numeric option of every command
+    given NaN, ±inf, -1, a word, '' or 1e400 (the hand-written part is the BAD table above)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "bad_input_battery.py"
+    spec = importlib.util.spec_from_file_location("bad_input_battery", path)
+    battery = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(battery)
+    cases = battery.numeric_cases()
+    assert len(cases) > 200
+    outcomes = {label: battery.run_case(argv, timeout=60)["outcome"] for label, argv in cases}
+    assert {label: o for label, o in outcomes.items() if o != "clear"} == {}
