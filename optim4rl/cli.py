@@ -728,8 +728,16 @@ def cmd_reproduce(args) -> int:
             shutil.copyfile(png, target)
             text = text.replace(f"]({png.parent.name}/{png.name})",
                                 f"]({target.relative_to(docs.parent).as_posix()})")
+        budget_head = text.split("\n", 1)[0]
+        if args.only and docs.exists() and docs.read_text().split("\n", 1)[0] == budget_head:
+            # A report of the same budget is there: update only the selected experiments' sections.
+            command = f"optim4rl reproduce --budget {args.budget} --only {' '.join(args.only)}" + (
+                " --report-only" if args.report_only else "") + f" --out {out}"
+            text = reproduce.merge_report(docs.read_text(), text, args.budget, list(args.only), command)
+            print(f"sections of {', '.join(args.only)} updated in {docs} (figures in {figures})", file=sys.stderr)
+        else:
+            print(f"report copied to {docs} (figures in {figures})", file=sys.stderr)
         docs.write_text(text)
-        print(f"report copied to {docs} (figures in {figures})", file=sys.stderr)
     print(report_path.read_text())
     return 0
 
