@@ -27,6 +27,10 @@ Experiments:
                     φ of both Optim4RL configurations, which step α·sign(g)) and the shipped
                     big_dense_long files. cpu: 1e7 steps x 3 seeds; paper: 3e7 steps x 10 seeds,
                     Adam and RMSProp swept over 3e-2 ... 1e-4 as in the paper.
+  h_layout_map, h_layout_authors  Adam vs fixed-step sign descent on big_dense_long (A2C, 64 envs,
+                    1e6 steps, 5 seeds) with this project's network (conv over the map) and with
+                    the authors' layout (conv over plane x row, columns as channels): does the
+                    network change the gap?
 
 The report (`results.md`) is generated from the comparison directories, never typed by hand.
 """
@@ -148,7 +152,21 @@ def experiments(budget: str) -> list[Experiment]:
                       "steps, so these files were meta-trained with 64-env agents living that long")]
           if long_lifetime else []),
         paper_regime(budget),
+        *layout_experiments(budget),
     ]
+
+
+def layout_experiments(budget: str) -> list[Experiment]:
+    """Adam vs sign descent with both readings of the big gridworlds' conv layer (A2CConfig.conv_layout)."""
+    steps, seeds = (1_000_000, 5) if budget != "smoke" else (20_000, 2)
+    claim = ("not in the paper: the authors' code convolves over (plane, row) with the map's columns as "
+             "channels (39,482 parameters on big_dense_long; ours 85,178). Is sign descent's gap to Adam "
+             "the same with their layout?")
+    return [Experiment(f"h_layout_{layout}", f"Adam vs sign descent, conv layout '{layout}': big_dense_long "
+                       "(A2C, 64 envs, 1e6 steps)", "a2c", ("big_dense_long",), ("adam@3e-3", "sign_sgd@1e-3"),
+                       steps, seeds, {"num_envs": 64, "conv_layout": layout}, runs=f"runs-h_layout_{layout}",
+                       claim=claim)
+            for layout in ("map", "authors")]
 
 
 def paper_regime(budget: str) -> Experiment:

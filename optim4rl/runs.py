@@ -170,6 +170,11 @@ def check_writable_file(path: Path | str, what: str = "--out") -> Path:
 BOOKKEEPING_KEYS = frozenset({"checkpoint_every_s", "checkpoint_every_chunks"})
 
 
+# Config fields added after runs were recorded, with the value that reproduces the behaviour of
+# records that lack them: such a record is the same run as one that has the default.
+ADDED_LATER = {"conv_layout": "map"}
+
+
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two JSON-like configs (bookkeeping keys aside)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping):
@@ -177,6 +182,9 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
         diffs = []
         for k in keys:
             if k in BOOKKEEPING_KEYS:
+                continue
+            if k in ADDED_LATER and (k not in old or k not in new) and \
+                    old.get(k, ADDED_LATER[k]) == new.get(k, ADDED_LATER[k]):
                 continue
             diffs += config_differences(old.get(k, "<absent>"), new.get(k, "<absent>"),
                                         f"{prefix}{k}.")

@@ -71,6 +71,11 @@ class A2CConfig:
     reward_scale: float = 1.0
     total_steps: int = 500_000
     updates_per_chunk: int = 50
+    # Big gridworlds' conv layer: "map" convolves over the map's rows x columns (this project's
+    # reading of "Conv 16 (2x2)"); "authors" does what the authors' code does, feeding the
+    # (planes, rows, columns) observation to a channels-last conv, so it convolves over
+    # (plane, row) with the columns as channels (fewer parameters: 39,482 on big_dense_long).
+    conv_layout: str = "map"
 
     def __post_init__(self):
         if isinstance(self.env_kwargs, dict):
@@ -93,6 +98,8 @@ class A2CConfig:
                 raise ConfigError(f"A2CConfig.{name} must be >= 0, got {getattr(self, name)!r}")
         if self.reward_scale == 0:
             raise ConfigError("A2CConfig.reward_scale must not be 0")
+        if self.conv_layout not in ("map", "authors"):
+            raise ConfigError(f"A2CConfig.conv_layout must be 'map' or 'authors', got {self.conv_layout!r}")
 
     @classmethod
     def paper(cls, env: str = "catch", **overrides) -> "A2CConfig":
@@ -215,7 +222,7 @@ class A2CTrain(Trainer):
         if not env.discrete:
             raise ConfigError(f"A2C needs a discrete action space; {env.name!r} is continuous (use PPO)")
         self.cfg, self.tx, self.env = cfg, tx, env
-        self.network = network if network is not None else make_network(env)
+        self.network = network if network is not None else make_network(env, cfg.conv_layout)
         self.steps_per_update = cfg.num_envs * cfg.rollout_length
         self.num_updates, self.updates_per_chunk, self.num_chunks = plan_updates(
             cfg.total_steps, self.steps_per_update, cfg.updates_per_chunk

@@ -161,11 +161,13 @@ class SeparateActorCritic(nn.Module):
         return self.policy(obs), self.value(obs)
 
 
-def make_network(env) -> nn.Module:
+def make_network(env, conv_layout: str = "map") -> nn.Module:
     """The paper's network for ``env`` (docs/paper_settings.md §3), chosen by its name and action space.
 
     Discrete tasks get a shared-torso :class:`ActorCritic`; continuous tasks get Brax's PPO
-    networks (:func:`make_ppo_network`).
+    networks (:func:`make_ppo_network`). ``conv_layout="authors"``: the big gridworlds' conv reads
+    the (planes, rows, columns) observation as channels-last, as the authors' code does (it
+    convolves over plane x row with the columns as channels); the default convolves over the map.
     """
     if not env.discrete:
         return make_ppo_network(env)
@@ -177,7 +179,8 @@ def make_network(env) -> nn.Module:
     if name.startswith("small_"):
         return ActorCritic(num_outputs, obs_ndim, hidden_sizes=(32,))
     if name.startswith("big_"):
-        return ActorCritic(num_outputs, obs_ndim, hidden_sizes=(32,), conv_features=16, conv_kernel=(2, 2))
+        return ActorCritic(num_outputs, obs_ndim, hidden_sizes=(32,), conv_features=16, conv_kernel=(2, 2),
+                           channels_first=conv_layout != "authors")
     return ActorCritic(num_outputs, obs_ndim, hidden_sizes=(64, 64))
 
 

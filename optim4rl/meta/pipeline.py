@@ -76,7 +76,8 @@ def build_task(cfg: MetaConfig, task: MetaTask) -> TaskSetup:
     )
     interval = cfg.task_reset_interval(task)
     offsets = reset_offsets(cfg.task_num_agents(task), interval)
-    return TaskSetup(task, env, networks.make_network(env), agent_config, offsets, interval)
+    return TaskSetup(task, env, networks.make_network(env, agent_config.conv_layout), agent_config, offsets,
+                     interval)
 
 
 class MetaTrainer:
