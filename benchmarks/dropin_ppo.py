@@ -9,8 +9,8 @@ difference between the two runs is the optimizer line: ``optax.adam(lr)`` or
 
 Compilation is done first (``jit(...).lower(...).compile()``); the run phase, the compiled
 program's execution, is timed alone. The optimizers alternate (A, B, A, B ...) so that both see
-the same load; medians are reported with their ratio, and the optimizer-state floats per
-parameter coordinate. Writes ``benchmarks/results/dropin_ppo.json``.
+the same load; medians are reported with their ratio, and the optimizer state's floats and
+bytes per parameter coordinate. Writes ``benchmarks/results/dropin_ppo.json``.
 
     python benchmarks/dropin_ppo.py [--steps 200000] [--seeds 4] [--repeats 3]
         [--learned optim4rl:grid6] [--output PATH]
@@ -180,6 +180,13 @@ def state_floats_per_coordinate(tx, params) -> float:
     return floats / num_params
 
 
+def state_bytes_per_coordinate(tx, params) -> float:
+    """Bytes of the whole optimizer state (counters included) per parameter coordinate."""
+    state = jax.eval_shape(tx.init, params)
+    num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    return sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in jax.tree.leaves(state)) / num_params
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200_000)
@@ -197,7 +204,7 @@ def main() -> None:
     makers = {"adam": lambda lr: optax.adam(lr),
               args.learned: lambda lr: optim4rl.make_optimizer(args.learned, learning_rate=lr)}
     keys = jax.random.split(jax.random.key(0), args.seeds)
-    compiled, compile_s, state_floats, num_params = {}, {}, {}, None
+    compiled, compile_s, state_floats, state_bytes, num_params = {}, {}, {}, {}, None
     for label, make_tx in makers.items():
         train, network, tx = make_train(args.steps, make_tx)
         start = time.perf_counter()
@@ -207,6 +214,7 @@ def main() -> None:
         params = network.init(jax.random.key(0), jnp.zeros(env.observation_space(env_params).shape))
         num_params = sum(int(p.size) for p in jax.tree.leaves(params))
         state_floats[label] = state_floats_per_coordinate(tx, params)
+        state_bytes[label] = round(state_bytes_per_coordinate(tx, params), 3)
 
     times = {label: [] for label in makers}
     loads = []
@@ -238,13 +246,15 @@ def main() -> None:
         "ratio_learned_to_adam": round(ratio, 2),
         "pair_ratios": [round(r, 2) for r in pair_ratios],
         "state_floats_per_coordinate": state_floats,
+        "state_bytes_per_coordinate": state_bytes,
         "final_return": scores,
     }
     print(f"PPO CartPole-v1, {args.seeds} seeds vmapped, {args.steps:,} steps, {num_params:,} "
           f"parameters, {report['device']}, load {min(loads):.1f}-{max(loads):.1f}")
     for label in makers:
         print(f"  {label:<18} run {median[label]:7.2f} s (median of {args.repeats}), compile "
-              f"{compile_s[label]:5.1f} s, state {state_floats[label]:.0f} floats/coordinate, "
+              f"{compile_s[label]:5.1f} s, state {state_floats[label]:.0f} floats "
+              f"({state_bytes[label]:.1f} bytes)/coordinate, "
               f"return {np.mean(scores[label]):.1f}")
     print(f"  ratio {args.learned} / adam: {ratio:.2f}x (pairs: "
           f"{', '.join(f'{r:.2f}' for r in pair_ratios)})")

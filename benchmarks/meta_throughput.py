@@ -12,11 +12,14 @@ process (steadier on a machine shared with other jobs).
 Each preset runs in its own subprocess, so that its peak resident memory (``ru_maxrss``) is its
 own; where the device reports memory statistics (GPUs), the peak device memory is given too.
 ``--block-size`` overrides ``optim4rl.optimizers.base.CPU_BLOCK_SIZE`` (0: the learned optimizer
-runs on all coordinates at once, without cache blocking). Prints a table and writes
+runs on all coordinates at once, without cache blocking). ``--remat`` overrides the preset's
+``meta.remat``; the table shows the setting used ("auto" resolved by the trainer from its memory
+estimate, which is reported too). Prints a table and writes
 ``benchmarks/results/meta_throughput.json``.
 
     python benchmarks/meta_throughput.py [--presets big_dense_long-cpu,grid6-cpu] [--agents 8]
-        [--iterations-per-chunk 1] [--repeats 3] [--block-size N] [--output PATH]
+        [--iterations-per-chunk 1] [--repeats 3] [--block-size N] [--remat auto|full|none]
+        [--output PATH]
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import machine_info, write_report  # noqa: E402
+from _common import git_commit, machine_info, write_report  # noqa: E402
 
 
 def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats: int,
-            block_size: int | None) -> dict:
+            block_size: int | None, remat: str | None = None) -> dict:
     """Rates and memory of meta-training one preset (runs in a fresh process: see `main`)."""
     import jax
     from jax.flatten_util import ravel_pytree
@@ -51,6 +54,8 @@ def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats:
         base.CPU_BLOCK_SIZE = block_size
     data = dict(config_lib.load_preset(preset)["meta"])
     data["iterations_per_chunk"] = iterations_per_chunk
+    if remat is not None:
+        data["remat"] = remat
     if agents is not None:
         data["num_agents"] = agents
         data["tasks"] = [{k: v for k, v in task.items() if k != "num_agents"} for task in data["tasks"]]
@@ -90,6 +95,8 @@ def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats:
         "inner_updates": cfg.inner_updates,
         "rollout_length": cfg.rollout_length,
         "remat": cfg.remat,
+        "remat_used": trainer.remat,  # "auto" resolved from the estimate below
+        "remat_estimate_mib": round(trainer.remat_estimate_bytes / 2**20, 1),
         "cpu_block_size": base.CPU_BLOCK_SIZE,
         "env_steps_per_iteration": cfg.env_steps_per_iteration(),
         "iterations_per_chunk": iterations_per_chunk,
@@ -114,6 +121,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed chunks after the first")
     parser.add_argument("--block-size", type=int, default=None,
                         help="override optim4rl.optimizers.base.CPU_BLOCK_SIZE (0: no blocking)")
+    parser.add_argument("--remat", choices=("auto", "full", "none"), default=None,
+                        help="override the preset's meta.remat (default: the preset's, \"auto\")")
     parser.add_argument("--output", type=pathlib.Path,
                         default=ROOT / "benchmarks" / "results" / "meta_throughput.json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one preset, JSON on stdout
@@ -121,7 +130,8 @@ def main() -> None:
     agents = args.agents or None
 
     if args.worker:
-        row = measure(args.worker, agents, args.iterations_per_chunk, args.repeats, args.block_size)
+        row = measure(args.worker, agents, args.iterations_per_chunk, args.repeats, args.block_size,
+                      args.remat)
         print(json.dumps(row))
         return
 
@@ -133,6 +143,8 @@ def main() -> None:
                    "--repeats", str(args.repeats)]
         if args.block_size is not None:
             command += ["--block-size", str(args.block_size)]
+        if args.remat is not None:
+            command += ["--remat", args.remat]
         proc = subprocess.run(command, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{preset} failed:\n{proc.stderr[-3000:]}")
@@ -140,26 +152,27 @@ def main() -> None:
         print(f"  {preset}: median {row['median_steps_per_s']:.0f} env-steps/s, "
               f"{row['median_steps_per_cpu_s']:.0f} per CPU-s, "
               f"{row['median_s_per_iteration']:.2f} s/meta-iteration, "
-              f"peak RSS {row['peak_rss_mib']:.0f} MiB", flush=True)
+              f"peak RSS {row['peak_rss_mib']:.0f} MiB, remat {row['remat_used']}", flush=True)
 
     report = {
         "benchmark": "meta_throughput",
         "description": "pipeline meta-training env-steps/s (jitted run_chunk, excluding compilation) "
                        "and peak memory, one subprocess per preset",
+        "commit": git_commit(),
         **machine_info(),
         "results": results,
     }
     print(f"\nmeta-training throughput, {report['device']}, {args.repeats} timed chunks of "
           f"{args.iterations_per_chunk} meta-iteration(s)")
     header = (f"{'preset':<22}{'agents':>8}{'coords':>11}{'steps/s':>10}{'steps/CPU-s':>13}"
-              f"{'s/iter':>8}{'compile s':>11}{'peak RSS MiB':>14}")
+              f"{'s/iter':>8}{'compile s':>11}{'peak RSS MiB':>14}{'remat':>7}")
     print(header)
     for preset, row in results.items():
         agents_text = ",".join(str(a) for a in sorted(set(row["agents_per_task"])))
         print(f"{preset:<22}{agents_text:>8}{row['optimizer_coordinates']:>11,}"
               f"{row['median_steps_per_s']:>10.0f}{row['median_steps_per_cpu_s']:>13.0f}"
               f"{row['median_s_per_iteration']:>8.2f}{row['compile_and_first_chunk_s']:>11.1f}"
-              f"{row['peak_rss_mib']:>14.0f}")
+              f"{row['peak_rss_mib']:>14.0f}{row['remat_used']:>7}")
     write_report(args.output, report)
 
 

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -283,6 +284,39 @@ def test_agent_normalised_meta_gradient_is_the_mean_of_unit_norm_agent_gradients
     assert 0.0 < float(optimizers_norm(grad)) <= 1.0 + 1e-5
     # The task rule (docs/paper_settings.md §2) is the default, and an unknown rule is one clear error.
     assert MetaConfig().meta_normalize == "task"
+
+
+def test_remat_settings_give_the_same_meta_gradient_and_auto_is_resolved(monkeypatch):
+    """"full" (jax.checkpoint of each inner update) and "none" differ only in what the backward
+    pass keeps; "auto" picks one from the memory estimate; true/false are the old spellings."""
+    from optim4rl.config import from_dict
+    from optim4rl.errors import ConfigError
+    from optim4rl.meta import pipeline
+
+    assert from_dict(MetaConfig, {"remat": True, "tasks": [{"env": "catch"}]}).remat == "full"
+    assert from_dict(MetaConfig, {"remat": False, "tasks": [{"env": "catch"}]}).remat == "none"
+    with pytest.raises(ConfigError, match="remat"):
+        from_dict(MetaConfig, {"remat": "some", "tasks": [{"env": "catch"}]})
+
+    grads = {}
+    for remat in ("full", "none"):
+        tr = MetaTrainer(tiny_config(remat=remat))
+        assert tr.remat == remat
+        state = tr.init()
+        setup, pop = tr.tasks[0], state.populations[0]
+        meta_gradient = jax.jit(lambda phi, pop, key: tr.task_meta_gradient(phi, pop, key, setup)[0])
+        grads[remat] = meta_gradient(state.phi, pop, jax.random.key(1))
+    for a, b in zip(jax.tree.leaves(grads["full"]), jax.tree.leaves(grads["none"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+    tr = MetaTrainer(tiny_config())
+    # K x agents x (the residuals of one update: at least the gradient and the recurrent state).
+    coordinates = jax.flatten_util.ravel_pytree(
+        jax.tree.map(lambda x: x[0], tr.init().populations[0].params))[0].size
+    assert tr.remat_estimate_bytes >= 2 * 4 * 4 * coordinates
+    assert tr.remat == "none"  # a few MiB
+    monkeypatch.setattr(pipeline, "device_memory_bytes", lambda: tr.remat_estimate_bytes)
+    assert MetaTrainer(tiny_config()).remat == "full"
 
 
 def test_unknown_meta_normalize_is_a_config_error():

@@ -80,7 +80,15 @@ class MetaConfig:
     meta_grad_clip: float | None = None
     meta_global_clip: float | None = None
     iterations_per_chunk: int = 10
-    remat: bool = True  # recompute optimizer activations in the backward pass (saves memory)
+    # Rematerialisation of the K inner updates in the meta-gradient's backward pass:
+    #   "full"  keep only each update's carry and recompute the whole update (rollout, agent
+    #           gradient, optimizer forward pass) in the backward pass: least memory;
+    #   "none"  keep what the backward pass needs of each update (the optimizer's inputs, or its
+    #           activations where it runs unblocked) and recompute nothing;
+    #   "auto"  "none" where MetaTrainer's estimate of that memory fits in REMAT_MEMORY_FRACTION
+    #           of the device's memory, else "full" (the choice is in the run's config.json).
+    # true / false (the earlier boolean) mean "full" / "none".
+    remat: Literal["auto", "full", "none"] | bool = "auto"
     checkpoint_every_s: float = 180.0
     eval_every: int = 0  # meta-iterations between evaluations of φ (0: only at the end)
     eval_steps: int = 200_000  # env steps of the fresh agent trained in an evaluation
@@ -89,6 +97,8 @@ class MetaConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "full" if self.remat else "none")
         if not self.tasks:
             raise ConfigError("meta-training needs at least one task")
         for name in ("num_agents", "envs_per_agent", "inner_updates", "rollout_length",

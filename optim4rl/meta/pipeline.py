@@ -80,6 +80,20 @@ def build_task(cfg: MetaConfig, task: MetaTask) -> TaskSetup:
                      interval)
 
 
+# "auto" rematerialisation keeps the K updates' residuals when their estimate fits in this
+# fraction of the device's memory (the rest holds the populations, rollouts and XLA's buffers).
+REMAT_MEMORY_FRACTION = 0.25
+
+
+def device_memory_bytes() -> int:
+    """The first device's memory: its allocator limit (GPU), else the machine's physical RAM."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    import os
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class MetaTrainer:
     """Builds the jitted pieces of pipeline meta-training for a `MetaConfig`."""
 
@@ -109,6 +123,11 @@ class MetaTrainer:
                                   f"differs from optimizer_options {dict(cfg.optimizer_options)}")
             self.opt = opt
         self.tasks = tuple(build_task(cfg, t) for t in cfg.tasks)
+        self.remat_estimate_bytes = sum(self.unrematerialised_bytes(setup) for setup in self.tasks)
+        self.remat = cfg.remat
+        if cfg.remat == "auto":
+            budget = REMAT_MEMORY_FRACTION * device_memory_bytes()
+            self.remat = "none" if self.remat_estimate_bytes <= budget else "full"
         meta_tx = []
         if cfg.meta_grad_clip:
             meta_tx.append(optax.clip(cfg.meta_grad_clip))
@@ -162,6 +181,30 @@ class MetaTrainer:
         pop = jax.tree.map(select, fresh, pop)
         return pop, jnp.sum(~finite)
 
+    def unrematerialised_bytes(self, setup: TaskSetup) -> int:
+        """Memory the backward pass keeps for one task's population without rematerialisation.
+
+        The residuals of one agent's ``tx.update`` with respect to φ (what autodiff saves, so the
+        platform's blocking of the optimizer network is accounted for), times K, times the
+        agents. The rollouts and agent gradients are constants for the meta-gradient (they read
+        stop-gradient parameters), so they keep nothing.
+        """
+        from jax._src.ad_checkpoint import saved_residuals
+        from optim4rl.agents import networks
+
+        phi = jax.eval_shape(self.opt.init_meta, jax.random.key(0))
+        params = jax.eval_shape(lambda k: networks.init_params(
+            setup.network, k, setup.env.observation_shape), jax.random.key(0))
+
+        def one_update(phi, grads, params):
+            tx = self._tx(phi, setup)
+            return tx.update(grads, tx.init(params), params)[0]
+
+        residuals = saved_residuals(one_update, phi, params, params)
+        per_update = sum(int(np.prod(aval.shape)) * aval.dtype.itemsize for aval, _ in residuals
+                         if hasattr(aval, "shape"))
+        return per_update * self.cfg.inner_updates * len(setup.offsets)
+
     # --- the meta-objective ---------------------------------------------------------------
     def agent_meta_loss(self, phi, agent: AgentState, key, setup: TaskSetup, learning_rate=None):
         """K inner updates with U_φ, then the meta-loss of the updated agent on a fresh rollout.
@@ -198,9 +241,9 @@ class MetaTrainer:
             zero = jax.lax.stop_gradient(_zero_fraction(grads))
             return (params, opt_state, env_state, next_obs, last_return), (scale, zero)
 
-        if cfg.remat:
-            # Keep only each update's carry for the backward pass and recompute the optimizer's
-            # per-coordinate activations: memory ~ O(coordinates x state) instead of O(x network).
+        if self.remat == "full":
+            # Keep only each update's carry for the backward pass and recompute the update:
+            # memory ~ O(coordinates x state) instead of O(coordinates x network) per update.
             inner_update = jax.checkpoint(inner_update)
         carry = (agent.params, agent.opt_state, agent.env_state, agent.obs, agent.last_return)
         carry, monitors = jax.lax.scan(inner_update, carry, keys[:-1])

@@ -166,6 +166,9 @@ def run(
         extra["init_from"] = optimizer_source(f"{cfg.optimizer}:{cfg.init_from}")  # path + SHA-256
     if extended_from is not None:
         extra["extended_from_iterations"] = extended_from
+    # "auto" rematerialisation is resolved by the trainer from its memory estimate.
+    extra["remat_used"] = trainer.remat
+    extra["remat_estimate_mib"] = round(trainer.remat_estimate_bytes / 2**20, 1)
     record = run_dir.write_config(cfg, preset=preset, devices=[str(d) for d in jax.devices()], **extra)
 
     chunk_fn = jax.jit(trainer.run_chunk, donate_argnums=0)
@@ -272,6 +275,7 @@ def run(
         "steps_per_s": timed_iters * steps_per_iter / timed_s if timed_s > 0 else None,
         "final_eval_return": final_eval, "evaluations": eval_rows,
         "optimizer_file": str(optimizer_file),
+        "remat": trainer.remat,
     }
     if stopped_by:
         summary.update(stopped_at_iteration=iteration, stopped_by=stopped_by)

@@ -74,6 +74,25 @@ def dense_apply(layer: Params, x: Array) -> Array:
     return matmul(layer["w"], x) + layer["b"][..., :, None]
 
 
+# A GRU whose input has at most this many features (the processed gradient: 1 or 2) computes its
+# input projection as a sum of scaled rows instead of a dot. XLA then fuses it into the gates'
+# elementwise code, so the [3H, N] projection never goes through memory (a dot with 1-2
+# contracted features streams its operands for almost no arithmetic).
+ROWWISE_FEATURES = 3
+
+
+def rowwise_matmul(w: Array, x: Array) -> Array:
+    """:func:`matmul` as a sum over input rows, ``Σ_i w[..., i, :, None] · x[..., i, None, :]``.
+
+    The same contraction, summed in input order; meant for few input features (``in ≤``
+    :data:`ROWWISE_FEATURES`).
+    """
+    total = w[..., 0, :, None] * x[..., 0, None, :]
+    for i in range(1, x.shape[-2]):
+        total = total + w[..., i, :, None] * x[..., i, None, :]
+    return total
+
+
 def matmul(w: Array, x: Array) -> Array:
     """``w: [..., in, out]`` applied to feature-major ``x: [..., in, N]``, giving ``[..., out, N]``."""
     if w.ndim == 2 and x.ndim == 2:
@@ -122,10 +141,14 @@ def gru_apply(params: Params, h: Array, x: Array) -> Array:
     ``n = tanh(Win x + bin + r ⊙ (Whn h + bhn))``, ``h' = (1 − z) ⊙ n + z ⊙ h``.
     """
     b, bhn = params["b"], params["bhn"]
-    x_r, x_z, x_n = gate_matmul(params["wi"], x, 3)
-    h_r, h_z, h_n = gate_matmul(params["wh"], h, 3)
     hidden = h.shape[-2]
     r, z, n = (slice(i * hidden, (i + 1) * hidden) for i in range(3))
+    if x.shape[-2] <= ROWWISE_FEATURES:
+        # 1-2 inputs (the processed gradient): scaled rows, fused with the gates below.
+        x_r, x_z, x_n = (rowwise_matmul(params["wi"][..., gate], x) for gate in (r, z, n))
+    else:
+        x_r, x_z, x_n = gate_matmul(params["wi"], x, 3)
+    h_r, h_z, h_n = gate_matmul(params["wh"], h, 3)
     reset = jax.nn.sigmoid(x_r + b[..., r, None] + h_r)
     update = jax.nn.sigmoid(x_z + b[..., z, None] + h_z)
     candidate = jnp.tanh(x_n + b[..., n, None] + reset * (h_n + bhn[..., :, None]))
