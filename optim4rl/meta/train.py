@@ -70,24 +70,21 @@ class Evaluator:
 
 def memory_estimate(trainer: MetaTrainer) -> int:
     """Bytes a meta-iteration needs, roughly and from below: the meta state twice (the chunk's
-    input and output), plus per agent what the backward pass through its K inner updates keeps
-    (each update's carry, its rollout, and one update's optimizer activations, recomputed under
-    remat; all K of them without it). Only for refusing runs that cannot fit, e.g. a typo in
+    input and output), per agent each inner update's carry and rollout, and the optimizer's
+    residuals for the backward pass (`MetaTrainer.remat_estimate_bytes` for all K updates without
+    remat, one update's worth with it). Only for refusing runs that cannot fit, e.g. a typo in
     num_agents, before anything is allocated."""
     cfg = trainer.cfg
     state = jax.eval_shape(trainer.init)
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
-    need = 2 * state_bytes
+    need = 2 * sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     for pop, setup in zip(state.populations, trainer.tasks):
         agents = len(setup.offsets)
         carry = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(pop)) // agents
-        coords = sum(x.size for x in jax.tree.leaves(pop.params)) // agents
         obs = int(np.prod(setup.env.observation_shape))
         rollout = cfg.envs_per_agent * cfg.rollout_length * (obs + 8) * 4
-        activations = coords * 4 * 64  # the optimizer's gates and heads per coordinate, float32
-        per_update = carry + rollout
-        need += agents * (cfg.inner_updates + 1) * (per_update + (0 if cfg.remat else activations)) \
-            + (agents * activations if cfg.remat else 0)
+        need += agents * (cfg.inner_updates + 1) * (carry + rollout)
+    residuals = trainer.remat_estimate_bytes
+    need += residuals if trainer.remat == "none" else residuals // max(1, cfg.inner_updates)
     return int(need)
 
 
