@@ -172,6 +172,10 @@ BOOKKEEPING_KEYS = frozenset({"checkpoint_every_s", "checkpoint_every_chunks"})
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two JSON-like configs (bookkeeping keys aside)."""
+    # A table added to a config later, left empty (its default), is no difference from a run
+    # recorded before it existed.
+    if (old == "<absent>" and new == {}) or (old == {} and new == "<absent>"):
+        return []
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         keys = list(dict.fromkeys([*old, *new]))
         diffs = []
