@@ -34,7 +34,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import machine_info, write_report  # noqa: E402
+from _common import git_commit, machine_info, write_report  # noqa: E402
 
 
 DEFAULT_PRESETS = {"a2c": "big_dense_long-cpu,grid6-cpu", "ppo": "metappo-inverted_double_pendulum-cpu"}
@@ -157,6 +157,7 @@ def main() -> None:
         "description": "pipeline meta-training env-steps/s (jitted run_chunk, excluding compilation) "
                        "and peak memory, one subprocess per preset",
         **machine_info(),
+        "commit": git_commit(),
         "results": results,
     }
     print(f"\nmeta-training throughput, {report['device']}, {args.repeats} timed chunks of "
