@@ -416,8 +416,11 @@ def load_checkpoint(path: Path | str, like: Any) -> tuple[Any, dict]:
             )
         leaves.append(jnp.asarray(arr, dtype=ref.dtype))
     tree = jax.tree.unflatten(treedef, leaves)
-    # Keep the sharding of the template so a resumed run is laid out like a fresh one.
+    # Keep the sharding of the template so a resumed run is laid out like a fresh one, and its
+    # commitment: a committed copy of an uncommitted (single-device) template would make jit
+    # compile the resumed run's chunk a second time.
     tree = jax.tree.map(
-        lambda x, ref: jax.device_put(x, ref.sharding) if isinstance(ref, jax.Array) else x, tree, like
+        lambda x, ref: jax.device_put(x, ref.sharding)
+        if isinstance(ref, jax.Array) and getattr(ref, "_committed", True) else x, tree, like
     )
     return tree, meta
