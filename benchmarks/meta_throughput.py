@@ -1,12 +1,13 @@
 """Meta-training throughput: environment steps per second of pipeline meta-training, and its memory.
 
-For each preset (CPU scale by default: ``big_dense_long-cpu`` and ``grid6-cpu``), builds the
+For each preset (CPU scale by default: ``big_dense_long-cpu`` and ``grid6-cpu``; with ``--agent
+ppo``, MetaPPO's ``metappo-inverted_double_pendulum-cpu``), builds the
 ``MetaTrainer`` of the preset's ``[meta]`` table with a smaller population (``--agents``, to keep
 the run short), jits ``run_chunk`` (``--iterations-per-chunk`` meta-iterations: per task, K inner
 updates with the learned optimizer, the meta-loss and the meta-gradient through them, and the
 meta-update), and times ``--repeats`` chunks after a first one that compiles. Environment steps
 count every rollout step of a meta-iteration (``MetaConfig.env_steps_per_iteration``: agents ×
-(K + 1) × rollout length per task); rates are per wall-clock second and per CPU second of the
+(K + 1) × rollout length per task; for PPO agents × (K + 1) × the steps of one PPO batch); rates are per wall-clock second and per CPU second of the
 process (steadier on a machine shared with other jobs).
 
 Each preset runs in its own subprocess, so that its peak resident memory (``ru_maxrss``) is its
@@ -15,9 +16,9 @@ own; where the device reports memory statistics (GPUs), the peak device memory i
 runs on all coordinates at once, without cache blocking). ``--remat`` overrides the preset's
 ``meta.remat``; the table shows the setting used ("auto" resolved by the trainer from its memory
 estimate, which is reported too). Prints a table and writes
-``benchmarks/results/meta_throughput.json``.
+``benchmarks/results/meta_throughput.json`` (``meta_throughput_ppo.json`` with ``--agent ppo``).
 
-    python benchmarks/meta_throughput.py [--presets big_dense_long-cpu,grid6-cpu] [--agents 8]
+    python benchmarks/meta_throughput.py [--agent a2c|ppo] [--presets big_dense_long-cpu,grid6-cpu] [--agents 8]
         [--iterations-per-chunk 1] [--repeats 3] [--block-size N] [--remat auto|full|none]
         [--output PATH]
 """
@@ -37,6 +38,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _common import git_commit, machine_info, write_report  # noqa: E402
+
+
+DEFAULT_PRESETS = {"a2c": "big_dense_long-cpu,grid6-cpu", "ppo": "metappo-inverted_double_pendulum-cpu"}
 
 
 def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats: int,
@@ -89,6 +93,7 @@ def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats:
     return {
         "preset": preset,
         "optimizer": cfg.optimizer,
+        "agent": cfg.agent,
         "tasks": [t.env for t in cfg.tasks],
         "agents_per_task": [cfg.task_num_agents(t) for t in cfg.tasks],
         "optimizer_coordinates": sum(coordinates),
@@ -113,8 +118,10 @@ def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", default="big_dense_long-cpu,grid6-cpu",
-                        help="comma-separated meta-train presets (names or TOML paths)")
+    parser.add_argument("--agent", choices=sorted(DEFAULT_PRESETS), default="a2c",
+                        help="the default presets: A2C pipeline meta-training, or MetaPPO")
+    parser.add_argument("--presets", default=None,
+                        help="comma-separated meta-train presets (names or TOML paths; default: the agent's)")
     parser.add_argument("--agents", type=int, default=8,
                         help="agents per task instead of the preset's (0: the preset's)")
     parser.add_argument("--iterations-per-chunk", type=int, default=1)
@@ -123,11 +130,14 @@ def main() -> None:
                         help="override optim4rl.optimizers.base.CPU_BLOCK_SIZE (0: no blocking)")
     parser.add_argument("--remat", choices=("auto", "full", "none"), default=None,
                         help="override the preset's meta.remat (default: the preset's, \"auto\")")
-    parser.add_argument("--output", type=pathlib.Path,
-                        default=ROOT / "benchmarks" / "results" / "meta_throughput.json")
+    parser.add_argument("--output", type=pathlib.Path, default=None,
+                        help="default benchmarks/results/meta_throughput.json (a2c), meta_throughput_ppo.json (ppo)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one preset, JSON on stdout
     args = parser.parse_args()
     agents = args.agents or None
+    args.presets = args.presets or DEFAULT_PRESETS[args.agent]
+    args.output = args.output or ROOT / "benchmarks" / "results" / (
+        "meta_throughput.json" if args.agent == "a2c" else f"meta_throughput_{args.agent}.json")
 
     if args.worker:
         row = measure(args.worker, agents, args.iterations_per_chunk, args.repeats, args.block_size,
@@ -158,18 +168,18 @@ def main() -> None:
         "benchmark": "meta_throughput",
         "description": "pipeline meta-training env-steps/s (jitted run_chunk, excluding compilation) "
                        "and peak memory, one subprocess per preset",
-        "commit": git_commit(),
         **machine_info(),
+        "commit": git_commit(),
         "results": results,
     }
     print(f"\nmeta-training throughput, {report['device']}, {args.repeats} timed chunks of "
           f"{args.iterations_per_chunk} meta-iteration(s)")
-    header = (f"{'preset':<22}{'agents':>8}{'coords':>11}{'steps/s':>10}{'steps/CPU-s':>13}"
+    header = (f"{'preset':<38}{'agents':>8}{'coords':>11}{'steps/s':>10}{'steps/CPU-s':>13}"
               f"{'s/iter':>8}{'compile s':>11}{'peak RSS MiB':>14}{'remat':>7}")
     print(header)
     for preset, row in results.items():
         agents_text = ",".join(str(a) for a in sorted(set(row["agents_per_task"])))
-        print(f"{preset:<22}{agents_text:>8}{row['optimizer_coordinates']:>11,}"
+        print(f"{preset:<38}{agents_text:>8}{row['optimizer_coordinates']:>11,}"
               f"{row['median_steps_per_s']:>10.0f}{row['median_steps_per_cpu_s']:>13.0f}"
               f"{row['median_s_per_iteration']:>8.2f}{row['compile_and_first_chunk_s']:>11.1f}"
               f"{row['peak_rss_mib']:>14.0f}{row['remat_used']:>7}")

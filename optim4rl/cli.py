@@ -447,7 +447,8 @@ def register_meta_train(sub) -> None:
     presets = ", ".join(name for name, _ in config_lib.list_presets().items()
                         if config_lib.load_preset(name).get("command") == "meta-train")
     p = _add_parser(sub, "meta-train", "meta-train a learned optimizer with pipeline training",
-                    "Pipeline meta-training (the paper's Section 4): a population of A2C agents with "
+                    "Pipeline meta-training (the paper's Section 4): a population of A2C agents (or PPO "
+                    "agents on Brax tasks with agent = \"ppo\": MetaPPO) with "
                     "staggered resets shares the learned optimizer's meta-parameters; the result is "
                     "OUT/optimizer.o4r.")
     p.add_argument("--preset", help=f"one of: {presets}; or a path to a TOML file "

@@ -177,6 +177,10 @@ ADDED_LATER = {"conv_layout": "map"}
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two JSON-like configs (bookkeeping keys aside)."""
+    # A table added to a config later, left empty (its default), is no difference from a run
+    # recorded before it existed.
+    if (old == "<absent>" and new == {}) or (old == {} and new == "<absent>"):
+        return []
     if isinstance(old, Mapping) and isinstance(new, Mapping):
         keys = list(dict.fromkeys([*old, *new]))
         diffs = []
@@ -427,8 +431,11 @@ def load_checkpoint(path: Path | str, like: Any) -> tuple[Any, dict]:
             )
         leaves.append(jnp.asarray(arr, dtype=ref.dtype))
     tree = jax.tree.unflatten(treedef, leaves)
-    # Keep the sharding of the template so a resumed run is laid out like a fresh one.
+    # Keep the sharding of the template so a resumed run is laid out like a fresh one, and its
+    # commitment: a committed copy of an uncommitted (single-device) template would make jit
+    # compile the resumed run's chunk a second time.
     tree = jax.tree.map(
-        lambda x, ref: jax.device_put(x, ref.sharding) if isinstance(ref, jax.Array) else x, tree, like
+        lambda x, ref: jax.device_put(x, ref.sharding)
+        if isinstance(ref, jax.Array) and getattr(ref, "_committed", True) else x, tree, like
     )
     return tree, meta

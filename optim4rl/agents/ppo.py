@@ -18,7 +18,8 @@ transformation works.
 
 Evaluation runs ``num_eval_envs`` episodes of ``env.max_episode_steps`` steps with the
 deterministic policy (the mode of the action distribution) after every ``eval_every`` updates.
-Meta-training reuses :func:`ppo_rollout`, :func:`ppo_loss` and :func:`compute_gae`.
+Meta-training (MetaPPO, :mod:`optim4rl.meta.pipeline`) reuses :meth:`PPOTrain.collect`,
+:meth:`PPOTrain.observe`, :meth:`PPOTrain.sgd` (with the learned optimizer) and :func:`ppo_loss`.
 """
 
 from __future__ import annotations
@@ -421,20 +422,23 @@ class PPOTrain(Trainer):
 
     # -- one update -------------------------------------------------------------------------
 
-    def collect(self, key: Array, state: PPOState):
-        """``num_unrolls`` unrolls of ``unroll_length`` steps; returns (env_state, obs, batch, data)."""
+    def collect(self, key: Array, params, normalizer, env_state, obs):
+        """``num_unrolls`` unrolls of ``unroll_length`` steps; returns (env_state, obs, batch, data).
+
+        ``data`` is the :class:`PPOTransition` ``[num_unrolls, unroll_length, num_envs]``.
+        """
         cfg = self.cfg
 
         def unroll(carry, unroll_key):
             env_state, obs = carry
             env_state, next_obs, data = ppo_rollout(
-                unroll_key, self.network, self.dist, state.params, state.normalizer, self.env, env_state, obs,
+                unroll_key, self.network, self.dist, params, normalizer, self.env, env_state, obs,
                 cfg.unroll_length, cfg.normalize_observations,
             )
             return (env_state, next_obs), (data, next_obs)
 
         (env_state, obs), (data, bootstrap_obs) = jax.lax.scan(
-            unroll, (state.env_state, state.obs), jax.random.split(key, self.num_unrolls)
+            unroll, (env_state, obs), jax.random.split(key, self.num_unrolls)
         )
         # [unrolls, T, envs, ...] -> [unrolls * envs, T, ...]
         to_batch = lambda x: jnp.swapaxes(x, 1, 2).reshape((-1, cfg.unroll_length) + x.shape[3:])
@@ -449,18 +453,37 @@ class PPOTrain(Trainer):
         )
         return env_state, obs, batch, data
 
-    def sgd(self, key: Array, params, opt_state, normalizer, batch: PPOBatch):
-        """``num_updates_per_batch`` epochs of minibatch steps; returns (params, opt_state, metrics)."""
+    def observe(self, normalizer, batch: PPOBatch):
+        """The running observation statistics updated with a collected batch (when enabled)."""
+        if not self.cfg.normalize_observations:
+            return normalizer
+        return running_statistics.update(normalizer, batch.obs)
+
+    def sgd(self, key: Array, params, opt_state, normalizer, batch: PPOBatch, tx=None, remat: bool = False):
+        """``num_updates_per_batch`` epochs of minibatch steps; returns (params, opt_state, metrics).
+
+        ``tx`` replaces the trainer's optimizer (meta-training passes U_φ). The gradient is taken
+        at stop-gradient parameters, so it is a constant input of the optimizer for
+        differentiation through the updates (docs/paper_settings.md §1; an identity in training).
+        ``remat`` recomputes each minibatch step and each epoch in the backward pass, so that
+        differentiating through the updates stores only their carries (parameters and optimizer
+        state), about ``epochs + minibatches`` of them instead of every step's activations.
+        """
         cfg = self.cfg
+        tx = self.tx if tx is None else tx
         loss_and_grad = jax.value_and_grad(ppo_loss, has_aux=True)
 
         def minibatch_step(carry, xs):
             params, opt_state = carry
             minibatch, loss_key = xs
-            (loss, aux), grads = loss_and_grad(params, self.network, self.dist, normalizer, minibatch, loss_key, cfg)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
+            (loss, aux), grads = loss_and_grad(jax.lax.stop_gradient(params), self.network, self.dist, normalizer,
+                                               minibatch, loss_key, cfg)
+            updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             return (params, opt_state), {"loss": loss, **aux, "grad_norm": optax.global_norm(grads)}
+
+        if remat:
+            minibatch_step = jax.checkpoint(minibatch_step)
 
         def epoch(carry, epoch_key):
             perm_key, loss_key = jax.random.split(epoch_key)
@@ -470,6 +493,9 @@ class PPOTrain(Trainer):
             )
             return jax.lax.scan(minibatch_step, carry, (shuffled, jax.random.split(loss_key, cfg.num_minibatches)))
 
+        if remat:
+            epoch = jax.checkpoint(epoch)
+
         (params, opt_state), metrics = jax.lax.scan(
             epoch, (params, opt_state), jax.random.split(key, cfg.num_updates_per_batch)
         )
@@ -477,11 +503,10 @@ class PPOTrain(Trainer):
 
     def update(self, state: PPOState) -> tuple[PPOState, Metrics]:
         key, collect_key, sgd_key = jax.random.split(state.key, 3)
-        env_state, obs, batch, data = self.collect(collect_key, state)
-        normalizer = state.normalizer
-        if self.cfg.normalize_observations:
-            # Brax updates the statistics before the gradient steps (the rollout used the old ones).
-            normalizer = running_statistics.update(normalizer, batch.obs)
+        env_state, obs, batch, data = self.collect(collect_key, state.params, state.normalizer, state.env_state,
+                                                   state.obs)
+        # Brax updates the statistics before the gradient steps (the rollout used the old ones).
+        normalizer = self.observe(state.normalizer, batch)
         params, opt_state, metrics = self.sgd(sgd_key, state.params, state.opt_state, normalizer, batch)
         update_step = state.update_step + 1
         last_return = mean_episode_return(data.done, data.episode_return, state.last_return)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping
 
@@ -36,7 +37,7 @@ class MetaTask:
 
 @dataclass(frozen=True)
 class MetaConfig:
-    """Pipeline training of a learned optimizer over a population of A2C agents.
+    """Pipeline training of a learned optimizer over a population of A2C or PPO agents.
 
     Every task keeps `num_agents` agents (own parameters, optimizer state, `envs_per_agent` envs)
     sharing the meta-parameters φ. Agent j is re-initialised at meta-iteration t when
@@ -44,6 +45,13 @@ class MetaConfig:
     population always mixes early, middle and late training. One meta-iteration = `inner_updates`
     updates with the learned optimizer, each on a fresh rollout, then the meta-loss on one more
     rollout; the meta-gradient flows through the updates and the optimizer's recurrent states.
+
+    ``agent = "ppo"`` (MetaPPO, docs/paper_settings.md §2): one inner update is one PPO training
+    step (a fresh batch of ``batch_size · num_minibatches`` sequences of ``unroll_length`` steps
+    from the agent's ``envs_per_agent`` Brax environments, then ``num_updates_per_batch`` epochs ×
+    ``num_minibatches`` steps of U_φ) and the meta-loss is the PPO loss on one more batch. The PPO
+    settings are the task's (``PPOConfig.paper``) overridden by the ``ppo`` table; ``reward_scale``
+    multiplies the task's PPO ``reward_scaling``; ``rollout_length`` is A2C's only.
     """
 
     optimizer: str = "optim4rl"
@@ -52,7 +60,9 @@ class MetaConfig:
     # of a random init; the file fixes the architecture (not in the paper, which starts from scratch).
     init_from: str | None = None
     tasks: tuple[MetaTask, ...] = (MetaTask("catch", 1.0, 3e-3),)
-    agent: Literal["a2c"] = "a2c"
+    agent: Literal["a2c", "ppo"] = "a2c"
+    # agent "ppo": PPOConfig fields over the task's PPO settings (num_envs is envs_per_agent).
+    ppo: Mapping[str, Any] = field(default_factory=dict)
     num_agents: int = 512
     envs_per_agent: int = 1
     inner_updates: int = 4
@@ -60,7 +70,9 @@ class MetaConfig:
     reset_interval: int = 144
     pipeline: bool = True
     iterations: int = 585
-    meta_loss: Literal["a2c", "actor"] = "a2c"
+    # The agent's own loss ("a2c" is the default's name: for agent "ppo" it means the PPO loss,
+    # recorded as "ppo"), or its policy term alone ("actor").
+    meta_loss: Literal["a2c", "ppo", "actor"] = "a2c"
     grad_clip: float | None = 1.0  # elementwise clip of agent gradients before the optimizer
     meta_learning_rate: float = 1e-3
     # Meta-gradient processing before Adam on φ, three independent choices applied in this order
@@ -124,6 +136,31 @@ class MetaConfig:
             raise ConfigError(f"checkpoint_every_s must be positive, got {self.checkpoint_every_s}")
         if not 0 <= self.seed <= 2**31 - 1:
             raise ConfigError(f"seed must be between 0 and 2**31 - 1, got {self.seed}")
+        if self.agent == "a2c":
+            if self.ppo:
+                raise ConfigError(f"ppo settings ({', '.join(self.ppo)}) need agent = \"ppo\"")
+            if self.meta_loss == "ppo":
+                raise ConfigError('meta_loss "ppo" needs agent = "ppo" (A2C\'s loss is "a2c")')
+        else:
+            if self.meta_loss == "a2c":
+                object.__setattr__(self, "meta_loss", "ppo")
+            fixed = sorted(set(self.ppo) & _PPO_FIXED.keys())
+            if fixed:
+                raise ConfigError(f"ppo.{fixed[0]} is set by meta-training ({_PPO_FIXED[fixed[0]]})")
+            for task in self.tasks:  # every PPO setting is checked here, before any side effect
+                self.ppo_config(task)
+                if self.eval_steps:
+                    self.ppo_eval_config(task)
+
+    def ppo_config(self, task: MetaTask):
+        """The PPOConfig of one task's agents (agent "ppo")."""
+        from optim4rl import config as config_lib
+        from optim4rl.agents import ppo
+
+        settings = dataclasses.asdict(ppo.PPOConfig.paper(task.env))
+        settings.update(num_envs=self.envs_per_agent, **self.ppo)
+        settings["reward_scaling"] = settings["reward_scaling"] * task.reward_scale
+        return config_lib.from_dict(ppo.PPOConfig, settings, "meta.ppo")
 
     def task_reset_interval(self, task: MetaTask) -> int:
         return task.reset_interval or self.reset_interval
@@ -131,6 +168,30 @@ class MetaConfig:
     def task_num_agents(self, task: MetaTask) -> int:
         return task.num_agents or self.num_agents
 
+    def ppo_eval_config(self, task: MetaTask):
+        """The PPO run that evaluates φ on `task`: its meta-training settings for `eval_steps`
+        steps in one chunk (one evaluation, at the end), on `eval_num_envs` envs when given."""
+        agent_cfg = self.ppo_config(task)
+        changes = {"total_steps": max(self.eval_steps, 1), "eval_every": 0,
+                   "num_eval_envs": max(agent_cfg.num_eval_envs, 1)}
+        if self.eval_num_envs:
+            changes["num_envs"] = self.eval_num_envs
+        try:
+            agent_cfg = dataclasses.replace(agent_cfg, **changes)
+        except ConfigError as exc:
+            raise ConfigError(f"the evaluation's PPO run (eval_steps, eval_num_envs): {exc}") from None
+        num_updates = -(-agent_cfg.total_steps // agent_cfg.steps_per_update)
+        return agent_cfg.replace(updates_per_chunk=num_updates)
+
     def env_steps_per_iteration(self) -> int:
-        per_agent = self.envs_per_agent * (self.inner_updates + 1) * self.rollout_length
-        return sum(self.task_num_agents(t) * per_agent for t in self.tasks)
+        def per_agent(task):
+            if self.agent == "ppo":
+                return (self.inner_updates + 1) * self.ppo_config(task).steps_per_update
+            return self.envs_per_agent * (self.inner_updates + 1) * self.rollout_length
+
+        return sum(self.task_num_agents(t) * per_agent(t) for t in self.tasks)
+
+
+# PPOConfig fields that meta-training sets itself: the ppo table must not.
+_PPO_FIXED = {"env": "the task's env", "num_envs": "envs_per_agent", "total_steps": "iterations",
+              "updates_per_chunk": "iterations_per_chunk", "eval_every": "eval_every"}

@@ -10,6 +10,10 @@ Pure functions over explicit state, so that a whole chunk of meta-iterations is 
 * `agent_meta_loss`: K inner updates `θ ← θ + U_φ(g)`, each on a fresh rollout, then the A2C loss
   of the updated θ on one more rollout. Gradients g are stop-gradient inputs of the optimizer, so the
   meta-gradient has no second-order terms but does flow through every update and recurrent state.
+  With ``agent = "ppo"`` (MetaPPO) an inner update is one PPO training step (epochs × minibatches
+  of U_φ on a fresh batch, `PPOTrain.sgd`) and the meta-loss is `ppo.ppo_loss` on one more batch;
+  the agents also carry their observation normaliser. The schedule, resets, NaN handling,
+  meta-gradient processing, sharding and checkpoints are the same code for both algorithms.
 * `meta_step`: per task the mean meta-gradient over agents (optionally of unit-norm per-agent
   meta-gradients), rescaled to a fixed norm; mean over tasks; a non-finite meta-gradient skips the update; Adam on φ.
 """
@@ -37,6 +41,9 @@ class AgentState(NamedTuple):
     obs: Array
     age: Array  # meta-iterations since the last reset
     last_return: Array  # return of the most recent finished episode (NaN before the first)
+    # PPO's running observation statistics (None for A2C: no leaves, so A2C checkpoints keep
+    # their layout).
+    normalizer: Any = None
 
 
 class MetaState(NamedTuple):
@@ -59,23 +66,29 @@ class TaskSetup(NamedTuple):
     task: MetaTask
     env: Any
     network: Any
-    agent_config: Any  # A2CConfig with the task's reward scale
+    agent_config: Any  # A2CConfig with the task's reward scale, or the task's PPOConfig
     offsets: np.ndarray
     reset_interval: int
+    trainer: Any = None  # PPO: the PPOTrain whose collect/observe/sgd the inner step reuses
 
 
 def build_task(cfg: MetaConfig, task: MetaTask) -> TaskSetup:
     from optim4rl import envs
-    from optim4rl.agents import a2c, networks
+    from optim4rl.agents import a2c, networks, ppo
 
+    interval = cfg.task_reset_interval(task)
+    offsets = reset_offsets(cfg.task_num_agents(task), interval)
+    if cfg.agent == "ppo":
+        agent_config = cfg.ppo_config(task)
+        env = envs.make(task.env, **dict(agent_config.env_kwargs))
+        trainer = ppo.make_train(agent_config, None, env=env)
+        return TaskSetup(task, env, trainer.network, agent_config, offsets, interval, trainer)
     env = envs.make(task.env)
     agent_config = a2c.A2CConfig.cpu(task.env)
     agent_config = dataclasses.replace(
         agent_config, env=task.env, num_envs=cfg.envs_per_agent,
         rollout_length=cfg.rollout_length, reward_scale=task.reward_scale,
     )
-    interval = cfg.task_reset_interval(task)
-    offsets = reset_offsets(cfg.task_num_agents(task), interval)
     return TaskSetup(task, env, networks.make_network(env, agent_config.conv_layout), agent_config, offsets,
                      interval)
 
@@ -142,14 +155,15 @@ class MetaTrainer:
         return self.opt.transform(phi, learning_rate=lr, grad_clip=self.cfg.grad_clip or None)
 
     def init_agent(self, key, phi, setup: TaskSetup) -> AgentState:
-        from optim4rl.agents import networks
+        from optim4rl.agents import networks, running_statistics
 
         param_key, env_key = jax.random.split(key)
         env_keys = jax.random.split(env_key, self.cfg.envs_per_agent)
         env_state, obs = jax.vmap(setup.env.reset)(env_keys)
         params = networks.init_params(setup.network, param_key, setup.env.observation_shape)
         opt_state = self._tx(phi, setup).init(params)
-        return AgentState(params, opt_state, env_state, obs, jnp.int32(0), jnp.float32(jnp.nan))
+        normalizer = running_statistics.init(setup.env.observation_shape) if setup.trainer else None
+        return AgentState(params, opt_state, env_state, obs, jnp.int32(0), jnp.float32(jnp.nan), normalizer)
 
     def init_population(self, key, phi, setup: TaskSetup) -> AgentState:
         keys = jax.random.split(key, len(setup.offsets))
@@ -160,7 +174,10 @@ class MetaTrainer:
         key, phi_key, *pop_keys = jax.random.split(key, 2 + len(self.tasks))
         phi = self.opt.init_meta(phi_key) if self.init_phi is None else self.init_phi
         pops = tuple(self.init_population(k, phi, s) for k, s in zip(pop_keys, self.tasks))
-        return MetaState(phi, self.meta_tx.init(phi), pops, jnp.int32(0), key, jnp.int32(0))
+        state = MetaState(phi, self.meta_tx.init(phi), pops, jnp.int32(0), key, jnp.int32(0))
+        # One buffer per leaf (a Brax env state holds its episode's first state as the same
+        # arrays), so that the jitted chunk may donate the whole state.
+        return jax.tree.map(jnp.copy, state)
 
     def reset_population(self, key, phi, pop: AgentState, setup: TaskSetup, iteration) -> tuple[AgentState, Array]:
         """Re-initialises scheduled agents (and any whose parameters became non-finite)."""
@@ -203,11 +220,16 @@ class MetaTrainer:
         residuals = saved_residuals(one_update, phi, params, params)
         per_update = sum(int(np.prod(aval.shape)) * aval.dtype.itemsize for aval, _ in residuals
                          if hasattr(aval, "shape"))
-        return per_update * self.cfg.inner_updates * len(setup.offsets)
+        updates = self.cfg.inner_updates
+        if self.cfg.agent == "ppo":  # each inner step is epochs x minibatches optimizer updates
+            updates *= setup.agent_config.num_updates_per_batch * setup.agent_config.num_minibatches
+        return per_update * updates * len(setup.offsets)
 
     # --- the meta-objective ---------------------------------------------------------------
     def agent_meta_loss(self, phi, agent: AgentState, key, setup: TaskSetup, learning_rate=None):
         """K inner updates with U_φ, then the meta-loss of the updated agent on a fresh rollout.
+
+        Dispatches on the agent (A2C here, PPO in :meth:`ppo_agent_meta_loss`).
 
         Returns ``(loss, (new_agent, monitors))``. ``monitors`` holds ``update_scale`` and
         ``zero_grad_fraction`` (means over the K updates, no gradient) and the three weighted terms
@@ -216,6 +238,8 @@ class MetaTrainer:
         on ``learning_rate`` (default: the task's α; a traced value lets a caller differentiate
         each term with respect to the step size, as scripts/meta_loss_terms.py does).
         """
+        if setup.trainer is not None:
+            return self.ppo_agent_meta_loss(phi, agent, key, setup, learning_rate)
         from optim4rl.agents import a2c
 
         cfg, acfg, net, env = self.cfg, setup.agent_config, setup.network, setup.env
@@ -260,6 +284,60 @@ class MetaTrainer:
                     "loss_actor": aux["actor_loss"], "loss_critic": acfg.value_coef * aux["value_loss"],
                     "loss_entropy": -acfg.entropy_coef * aux["entropy"]}
         return loss, (jax.lax.stop_gradient(new_agent), monitors)
+
+    def ppo_agent_meta_loss(self, phi, agent: AgentState, key, setup: TaskSetup, learning_rate=None):
+        """MetaPPO: K PPO training steps with U_φ, then the PPO loss on one more fresh batch.
+
+        Each inner step collects a fresh batch with the current parameters and observation
+        statistics, updates the statistics with it and runs ``num_updates_per_batch`` epochs of
+        ``num_minibatches`` steps of U_φ (:meth:`PPOTrain.sgd`, the trainer's own code). The
+        meta-loss is :func:`ppo.ppo_loss` of the updated parameters on the last batch
+        (:meth:`ppo_meta_loss`). Returns what :meth:`agent_meta_loss` returns; ``update_scale``
+        is the net parameter change of an inner step per minibatch step, |Δθ| / (α · steps), and
+        ``zero_grad_fraction`` is not measured (NaN).
+        """
+        cfg, pcfg, train = self.cfg, setup.agent_config, setup.trainer
+        task_lr = setup.task.learning_rate if learning_rate is None else learning_rate
+        tx = self._tx(phi, setup, task_lr)
+        steps_per_batch = pcfg.num_updates_per_batch * pcfg.num_minibatches
+        keys = jax.random.split(key, cfg.inner_updates + 1)
+
+        def inner_step(carry, k):
+            params, opt_state, normalizer, env_state, obs, last_return = carry
+            collect_key, sgd_key = jax.random.split(k)
+            env_state, obs, batch, data = train.collect(collect_key, params, normalizer, env_state, obs)
+            normalizer = train.observe(normalizer, batch)
+            # With remat, sgd keeps only each minibatch step's and epoch's carry for the backward
+            # pass: memory grows with the optimizer's state, not with the network's activations.
+            new_params, opt_state, _ = train.sgd(sgd_key, params, opt_state, normalizer, batch, tx=tx,
+                                                 remat=self.remat == "full")
+            moved = jax.tree.map(jnp.subtract, new_params, params)
+            scale = jax.lax.stop_gradient(_mean_abs(moved) / (task_lr * steps_per_batch))
+            last_return = _latest_return(_time_major(data), last_return)
+            return (new_params, opt_state, normalizer, env_state, obs, last_return), scale
+
+        carry = (agent.params, agent.opt_state, agent.normalizer, agent.env_state, agent.obs, agent.last_return)
+        carry, scale = jax.lax.scan(inner_step, carry, keys[:-1])
+        params, opt_state, normalizer, env_state, obs, last_return = carry
+        collect_key, loss_key = jax.random.split(keys[-1])
+        env_state, obs, batch, data = train.collect(collect_key, params, normalizer, env_state, obs)
+        normalizer = train.observe(normalizer, batch)
+        loss, aux = self.ppo_meta_loss(params, normalizer, batch, loss_key, setup)
+        if cfg.meta_loss == "actor":
+            loss = aux["policy_loss"]
+        last_return = _latest_return(_time_major(data), last_return)
+        new_agent = AgentState(params, opt_state, env_state, obs, agent.age + 1, last_return, normalizer)
+        monitors = {"update_scale": jnp.mean(scale), "zero_grad_fraction": jnp.float32(jnp.nan),
+                    "loss_actor": aux["policy_loss"], "loss_critic": aux["value_loss"],
+                    "loss_entropy": -pcfg.entropy_cost * aux["entropy"]}
+        return loss, (jax.lax.stop_gradient(new_agent), monitors)
+
+    def ppo_meta_loss(self, params, normalizer, batch, key, setup: TaskSetup):
+        """The PPO trainer's loss (:func:`ppo.ppo_loss`, with the task's PPOConfig) on a whole batch."""
+        from optim4rl.agents import ppo
+
+        train = setup.trainer
+        return ppo.ppo_loss(params, train.network, train.dist, normalizer, batch, key, setup.agent_config)
 
     def task_meta_gradient(self, phi, pop: AgentState, key, setup: TaskSetup):
         keys = jax.random.split(key, len(setup.offsets))
@@ -324,12 +402,26 @@ class MetaTrainer:
         """`length` meta-iterations (default cfg.iterations_per_chunk) in one `lax.scan`."""
         return jax.lax.scan(self.meta_step, state, None, length=length or self.cfg.iterations_per_chunk)
 
+    def jitted_chunk(self, length: int | None = None):
+        """`run_chunk` of `length` iterations under jit (the state donated), compiled once per
+        trainer: runs that share a trainer (a stop and its resume, tests) reuse the executable."""
+        length = length or self.cfg.iterations_per_chunk
+        cache = self.__dict__.setdefault("_jitted_chunks", {})
+        if length not in cache:
+            cache[length] = jax.jit(lambda state: self.run_chunk(state, length), donate_argnums=0)
+        return cache[length]
+
 
 def unit_norm_mean(grads):
     """Mean over the leading axis of a stacked pytree of gradients, each first scaled to unit norm."""
     norms = jax.vmap(optax.global_norm)(grads)
     return jax.tree.map(lambda g: jnp.mean(g / (norms.reshape((-1,) + (1,) * (g.ndim - 1)) + 1e-12), axis=0),
                         grads)
+
+
+def _time_major(data):
+    """PPO's ``[unrolls, T, envs]`` transitions as one time-major ``[unrolls · T, envs]`` record."""
+    return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), data)
 
 
 def _latest_return(traj, previous):

@@ -40,7 +40,12 @@ def place(state: MetaState, trainer: MetaTrainer) -> MetaState:
 
 
 class Evaluator:
-    """Trains a fresh A2C agent with a given φ (φ is a jit argument: compiled once)."""
+    """Trains a fresh agent with a given φ (φ is a jit argument: compiled once).
+
+    A2C: the task's CPU A2C settings for `eval_steps`, scored by the mean training return of the
+    last 10% of updates. PPO: the task's meta-training PPO settings for `eval_steps`, scored by
+    the deterministic-policy evaluation at the end (`num_eval_envs` episodes).
+    """
 
     def __init__(self, trainer: MetaTrainer, task_index: int = 0):
         from optim4rl.agents import a2c
@@ -48,6 +53,9 @@ class Evaluator:
         cfg = trainer.cfg
         setup = trainer.tasks[task_index]
         self.task = setup.task
+        if setup.trainer is not None:
+            self._init_ppo(trainer, setup)
+            return
         agent_cfg = a2c.A2CConfig.cpu(setup.task.env)
         changes = {"total_steps": cfg.eval_steps}
         if cfg.eval_num_envs:
@@ -59,6 +67,20 @@ class Evaluator:
             train = a2c.make_train(self.agent_cfg, opt.transform(phi, learning_rate=lr, grad_clip=clip))
             _, metrics = train(key)
             return metrics["episode_return"]
+
+        self._evaluate = jax.jit(evaluate)
+
+    def _init_ppo(self, trainer: MetaTrainer, setup) -> None:
+        from optim4rl.agents import ppo
+
+        self.agent_cfg = trainer.cfg.ppo_eval_config(setup.task)
+        opt, lr, clip = trainer.opt, setup.task.learning_rate, trainer.cfg.grad_clip or None
+
+        def evaluate(phi, key):
+            train = ppo.make_train(self.agent_cfg, opt.transform(phi, learning_rate=lr, grad_clip=clip),
+                                   env=setup.env)
+            _, metrics = train(key)
+            return metrics["eval_return"][-1:]
 
         self._evaluate = jax.jit(evaluate)
 
@@ -168,7 +190,6 @@ def run(
     extra["remat_estimate_mib"] = round(trainer.remat_estimate_bytes / 2**20, 1)
     record = run_dir.write_config(cfg, preset=preset, devices=[str(d) for d in jax.devices()], **extra)
 
-    chunk_fn = jax.jit(trainer.run_chunk, donate_argnums=0)
     evaluator = Evaluator(trainer) if cfg.eval_steps > 0 else None
     steps_per_iter = cfg.env_steps_per_iteration()
     eval_path = run_dir.file("evaluations.csv")
@@ -202,10 +223,7 @@ def run(
         start_iter = int(state.iteration)
         length = min(cfg.iterations_per_chunk, cfg.iterations - start_iter)
         t0 = time.time()
-        if length == cfg.iterations_per_chunk:
-            state, metrics = chunk_fn(state)
-        else:
-            state, metrics = jax.jit(trainer.run_chunk, static_argnums=1)(state, length)
+        state, metrics = trainer.jitted_chunk(length)(state)
         metrics = jax.device_get(metrics)
         dt = time.time() - t0
         skipped_now = float(np.sum(metrics.get("skipped_update", 0.0)))
