@@ -181,8 +181,11 @@ def test_float32_training_trajectory_matches_jax():
             p.grad = torch.from_numpy(g)
         optimizer.step()
         if t + 1 < STEPS:
+            # 50 float32 steps of two implementations that sum in different orders (JAX fuses the
+            # GRU's input projection into its gates): differences of a few ulps accumulate, so
+            # parameters near 0 get an absolute tolerance of 1e-6 (steps here are ~1e-2).
             for p, want in zip(params, history[t + 1][0]):
-                np.testing.assert_allclose(p.detach().numpy(), want, rtol=RTOL, atol=1e-7)
+                np.testing.assert_allclose(p.detach().numpy(), want, rtol=RTOL, atol=1e-6)
 
 
 def test_parameter_groups_have_their_own_lr_and_clip():
