@@ -654,8 +654,8 @@ def cmd_gradients(args) -> int:
 
 
 def register_gradients(sub) -> None:
-    p = sub.add_parser(
-        "gradients", formatter_class=HelpFormatter, help="record agent-gradients while training and analyse their distribution",
+    p = _add_parser(
+        sub, "gradients", "record agent-gradients while training and analyse their distribution",
         description="Record a subsample of gradients and updates per layer while training "
                     "(--env: an RL agent; --supervised digits: a small classifier), write "
                     "gradients.npz, summary.json and histogram/drift figures; or --compare "
@@ -791,8 +791,8 @@ def cmd_inspect(args) -> int:
 
 
 def register_inspect(sub) -> None:
-    p = sub.add_parser(
-        "inspect", formatter_class=HelpFormatter, help="step-size response of optimizers: |update|/lr by gradient size and noise",
+    p = _add_parser(
+        sub, "inspect", "step-size response of optimizers: |update|/lr by gradient size and noise",
         description="For each optimizer, feed coordinates a gradient of fixed size whose sign flips at "
                     "random (probability 0, 0.25, 0.5) and print |update|/lr after --steps updates. Adam "
                     "gives ~1 for consistent gradients and much less for noise; a learned optimizer that "
@@ -861,8 +861,8 @@ def cmd_sweep(args) -> int:
 
 
 def register_sweep(sub) -> None:
-    p = sub.add_parser(
-        "sweep", formatter_class=HelpFormatter, help="meta-train a grid of configs, evaluate every file, select the best, re-evaluate it",
+    p = _add_parser(
+        sub, "sweep", "meta-train a grid of configs, evaluate every file, select the best, re-evaluate it",
         description="One meta-training run directory per grid point (resumable; a rerun continues), "
                     "within an optional wall-clock budget; then every finished file trains fresh A2C agents "
                     "in a stated regime (default: the final paper version's, 512 envs, score = mean return "
@@ -948,8 +948,8 @@ def cmd_imitate(args) -> int:
 
 
 def register_imitate(sub) -> None:
-    p = sub.add_parser(
-        "imitate", formatter_class=HelpFormatter, help="fit a learned optimizer's step sizes to Adam's (or any optimizer's)",
+    p = _add_parser(
+        sub, "imitate", "fit a learned optimizer's step sizes to Adam's (or any optimizer's)",
         description="Not in the paper. Fits φ so that the learned optimizer's |update|/lr matches the "
                     "target's on synthetic per-coordinate gradient streams (scales 1e-8 ... 1, noise, "
                     "exactly-zero gradients). The result trains agents like any .o4r file and can start "

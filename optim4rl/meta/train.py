@@ -155,8 +155,9 @@ def run(
                          extendable={"iterations": "--iterations"})
     if mode == "finished":
         return json.loads((Path(out) / "summary.json").read_text())
-    trainer = trainer or MetaTrainer(cfg)
-    check_memory(trainer)
+    if trainer is None:  # a trainer passed in was built (and its memory checked) by the caller
+        trainer = MetaTrainer(cfg)
+        check_memory(trainer)
     run_dir = RunDir(out)
     state = place(trainer.init(), trainer)
     ckpt_path = run_dir.file("checkpoint.msgpack")

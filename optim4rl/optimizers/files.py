@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import pathlib
-import struct
 import tempfile
 from typing import Any
 
@@ -30,16 +29,14 @@ import numpy as np
 
 from optim4rl.errors import ParameterFileError
 from optim4rl.o4r_format import describe_mismatch as _describe_mismatch
-from optim4rl.o4r_format import parse_header as _parse_header
+from optim4rl.o4r_format import DTYPE as _DTYPE
+from optim4rl.o4r_format import FORMAT_VERSION, MAGIC, parse_container
+from optim4rl.o4r_format import PREAMBLE as _PREAMBLE
 from optim4rl.optimizers.base import LearnedOptimizer, MetaParams, named_leaves
 from optim4rl.optimizers.registry import LEARNED
 
-MAGIC = b"\x89O4R\r\n\x1a\n"
-FORMAT_VERSION = 1
 FORMAT_NAME = "optim4rl learned optimizer"
-_PREAMBLE = struct.Struct("<8sIQ")  # magic, format version, header length
 _DATA_ALIGNMENT = 8
-_DTYPE = "<f4"
 
 
 def save(path: str | os.PathLike, opt: LearnedOptimizer, phi: MetaParams,
@@ -114,33 +111,7 @@ def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, MetaParams, dict[st
     except OSError as error:
         raise ParameterFileError(f"{path}: cannot read: {error.strerror or error}") from None
 
-    if not raw:
-        raise ParameterFileError(f"{path}: empty file, not an optimizer parameter file (.o4r)")
-    if raw[:len(MAGIC)] != MAGIC[:len(raw)]:
-        raise ParameterFileError(f"{path}: not an optimizer parameter file (.o4r): bad magic bytes")
-    if len(raw) < _PREAMBLE.size:
-        raise ParameterFileError(f"{path}: truncated .o4r file ({len(raw)} bytes, shorter than "
-                                 "its fixed preamble)")
-    _, version, header_length = _PREAMBLE.unpack_from(raw)
-    if version != FORMAT_VERSION:
-        raise ParameterFileError(f"{path}: unsupported .o4r format version {version} (this "
-                                 f"optim4rl reads version {FORMAT_VERSION})")
-    data_start = _PREAMBLE.size + header_length
-    if len(raw) < data_start:
-        raise ParameterFileError(f"{path}: truncated .o4r file (header cut off: {len(raw)} of at "
-                                 f"least {data_start} bytes)")
-    header = _parse_header(path, raw[_PREAMBLE.size:data_start])
-
-    data = raw[data_start:]
-    if len(data) < header["data_nbytes"]:
-        raise ParameterFileError(f"{path}: truncated .o4r file (tensor data has {len(data)} of "
-                                 f"{header['data_nbytes']} bytes)")
-    if len(data) > header["data_nbytes"]:
-        raise ParameterFileError(f"{path}: corrupt .o4r file ({len(data) - header['data_nbytes']} "
-                                 "unexpected bytes after the tensor data)")
-    if hashlib.sha256(data).hexdigest() != header["data_sha256"]:
-        raise ParameterFileError(f"{path}: corrupt .o4r file (checksum mismatch in tensor data)")
-
+    header, arrays = parse_container(raw, path)
     architecture = header["architecture"]
     if architecture not in LEARNED:
         raise ParameterFileError(f"{path}: unknown optimizer architecture '{architecture}' "
@@ -153,20 +124,6 @@ def load(path: str | os.PathLike) -> tuple[LearnedOptimizer, MetaParams, dict[st
         opt = LEARNED[architecture].from_config(header["config"])
     except (TypeError, ValueError) as error:
         raise ParameterFileError(f"{path}: bad {architecture} config in file: {error}") from None
-
-    arrays = {}
-    for entry in header["tensors"]:
-        end = entry["offset"] + entry["nbytes"]
-        if (entry["dtype"] != "float32" or end > len(data)
-                or entry["nbytes"] != 4 * int(np.prod(entry["shape"], dtype=np.int64))):
-            raise ParameterFileError(f"{path}: corrupt .o4r file (bad tensor table entry "
-                                     f"'{entry['name']}')")
-        array = np.frombuffer(data, dtype=_DTYPE, count=entry["nbytes"] // 4,
-                              offset=entry["offset"])
-        if not np.isfinite(array).all():
-            raise ParameterFileError(f"{path}: tensor '{entry['name']}' holds non-finite values "
-                                     "(NaN or inf); the file is unusable")
-        arrays[entry["name"]] = array.reshape(entry["shape"])
 
     abstract = jax.eval_shape(opt.init_meta, jax.random.key(0))
     expected_named = named_leaves(abstract)

@@ -12,23 +12,18 @@ or just a path for a file of your own.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.resources
 import os
 import pathlib
-import struct
 from typing import NamedTuple
 
 import numpy as np
 
 from optim4rl.errors import ConfigError, ParameterFileError
 from optim4rl.o4r_format import describe_mismatch as _describe_mismatch
-from optim4rl.o4r_format import parse_header as _parse_header
+from optim4rl.o4r_format import parse_container
 from optim4rl.torch.architectures import ARCHITECTURES, check_config, meta_shapes
 
-MAGIC = b"\x89O4R\r\n\x1a\n"
-FORMAT_VERSION = 1
-_PREAMBLE = struct.Struct("<8sIQ")  # magic, format version, header length
 
 
 class O4RFile(NamedTuple):
@@ -96,32 +91,7 @@ def read(source: str | os.PathLike) -> O4RFile:
 
 def parse(raw: bytes, path: str = "<bytes>") -> O4RFile:
     """Check and decode the bytes of a ``.o4r`` file (``path`` only names it in errors)."""
-    if not raw:
-        raise ParameterFileError(f"{path}: empty file, not an optimizer parameter file (.o4r)")
-    if raw[:len(MAGIC)] != MAGIC[:len(raw)]:
-        raise ParameterFileError(f"{path}: not an optimizer parameter file (.o4r): bad magic bytes")
-    if len(raw) < _PREAMBLE.size:
-        raise ParameterFileError(f"{path}: truncated .o4r file ({len(raw)} bytes, shorter than "
-                                 "its fixed preamble)")
-    _, version, header_length = _PREAMBLE.unpack_from(raw)
-    if version != FORMAT_VERSION:
-        raise ParameterFileError(f"{path}: unsupported .o4r format version {version} (this "
-                                 f"optim4rl reads version {FORMAT_VERSION})")
-    data_start = _PREAMBLE.size + header_length
-    if len(raw) < data_start:
-        raise ParameterFileError(f"{path}: truncated .o4r file (header cut off: {len(raw)} of at "
-                                 f"least {data_start} bytes)")
-    header = _parse_header(path, raw[_PREAMBLE.size:data_start])
-    data = raw[data_start:]
-    if len(data) < header["data_nbytes"]:
-        raise ParameterFileError(f"{path}: truncated .o4r file (tensor data has {len(data)} of "
-                                 f"{header['data_nbytes']} bytes)")
-    if len(data) > header["data_nbytes"]:
-        raise ParameterFileError(f"{path}: corrupt .o4r file ({len(data) - header['data_nbytes']} "
-                                 "unexpected bytes after the tensor data)")
-    if hashlib.sha256(data).hexdigest() != header["data_sha256"]:
-        raise ParameterFileError(f"{path}: corrupt .o4r file (checksum mismatch in tensor data)")
-
+    header, tensors = parse_container(raw, path)
     architecture = header["architecture"]
     if architecture not in ARCHITECTURES:
         raise ParameterFileError(f"{path}: unknown optimizer architecture '{architecture}' "
@@ -131,16 +101,6 @@ def parse(raw: bytes, path: str = "<bytes>") -> O4RFile:
     except ValueError as error:
         raise ParameterFileError(f"{path}: bad {architecture} config in file: {error}") from None
 
-    tensors = {}
-    for entry in header["tensors"]:
-        end = entry["offset"] + entry["nbytes"]
-        if (entry["dtype"] != "float32" or end > len(data)
-                or entry["nbytes"] != 4 * int(np.prod(entry["shape"], dtype=np.int64))):
-            raise ParameterFileError(f"{path}: corrupt .o4r file (bad tensor table entry "
-                                     f"'{entry['name']}')")
-        array = np.frombuffer(data, dtype="<f4", count=entry["nbytes"] // 4,
-                              offset=entry["offset"])
-        tensors[entry["name"]] = array.reshape(entry["shape"]).astype(np.float32)
     expected = meta_shapes(architecture, config)
     got = {name: tuple(array.shape) for name, array in tensors.items()}
     if got != expected:
