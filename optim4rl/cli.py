@@ -680,7 +680,7 @@ def register_gradients(sub) -> None:
     p.add_argument("--phases", type=positive_int, default=3, help="training phases compared")
     p.add_argument("--identity", action="store_true", help="also run the identity experiment on this run")
     p.add_argument("--identity-steps", dest="identity_steps", type=nonneg_int, default=1000,
-                   help="training steps of the identity experiment (default 1000; run by --compare unless --no-identity)")
+                   help="training steps of the identity experiment (run by --compare unless --no-identity)")
     p.add_argument("--no-identity", dest="no_identity", action="store_true",
                    help="with --compare: skip the identity experiment")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an agent setting")
@@ -955,9 +955,8 @@ def register_imitate(sub) -> None:
                     "exactly-zero gradients). The result trains agents like any .o4r file and can start "
                     "pipeline meta-training (meta-train --set init_from=FILE).")
     p.add_argument("--optimizer", default="optim4rl:init",
-                   help="learned optimizer to start from: NAME:init, NAME:FILE.o4r or NAME:PRETRAINED "
-                        "(default optim4rl:init)")
-    p.add_argument("--target", default="adam", help="optimizer whose step sizes to match (default adam)")
+                   help="learned optimizer to start from: NAME:init, NAME:FILE.o4r or NAME:PRETRAINED")
+    p.add_argument("--target", default="adam", help="optimizer whose step sizes to match")
     p.add_argument("--steps", type=positive_int, help="fitting steps (default 500)")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the synthetic gradient streams")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",

@@ -153,6 +153,7 @@ def experiments(budget: str) -> list[Experiment]:
           if long_lifetime else []),
         paper_regime(budget),
         *layout_experiments(budget),
+        *metappo_experiments(budget),
     ]
 
 
@@ -167,6 +168,41 @@ def layout_experiments(budget: str) -> list[Experiment]:
                        steps, seeds, {"num_envs": 64, "conv_layout": layout}, runs=f"runs-h_layout_{layout}",
                        claim=claim)
             for layout in ("map", "authors")]
+
+
+# The settings of the MetaPPO CPU preset's agents (optim4rl/presets/metappo-inverted_double_pendulum-cpu.toml):
+# the files meta-trained there are evaluated with agents of the same shape.
+METAPPO_CPU_AGENT = {"num_envs": 32, "batch_size": 32, "num_minibatches": 8, "unroll_length": 5,
+                     "num_updates_per_batch": 4, "policy_hidden_sizes": (32, 32), "value_hidden_sizes": (64, 64),
+                     "num_eval_envs": 8}
+METAPPO_FILES = ("metappo-inverted_double_pendulum", "metappo-inverted_double_pendulum-rmsprop")
+
+
+def metappo_experiments(budget: str) -> list[Experiment]:
+    """Optimizers meta-trained with PPO on inverted_double_pendulum (MetaPPO), on that task and on
+    an unseen one (reacher), against Adam at its best of three step sizes and the untrained φ.
+
+    The learned files run at their meta-training step size, 3e-4. Only shipped files are
+    evaluated (none shipped: no experiment); the smoke budget has none.
+    """
+    files = tuple(f"optim4rl:{name}@3e-4" for name in METAPPO_FILES if name in list_pretrained())
+    if budget == "smoke" or not files:
+        return []
+    seeds = 10 if budget == "paper" else 5
+    optimizers = ("adam@3e-4,1e-3,3e-3", "optim4rl:init@3e-4", *files)
+    claim = ("paper: MetaPPO, Optim4RL meta-trained with PPO agents on a Brax task; here one CPU-scale meta-training "
+             "run from scratch and one from an RMSProp imitation, with agents of the meta-training's shape")
+    runs = "runs-i_metappo"
+    return [
+        Experiment("i_metappo", "MetaPPO: meta-trained on inverted_double_pendulum, tested there (PPO)", "ppo",
+                   ("inverted_double_pendulum",), optimizers, 81_920, seeds, METAPPO_CPU_AGENT, claim=claim, runs=runs),
+        Experiment("i_metappo_vs_init", "The same MetaPPO runs, paired against the untrained φ", "ppo",
+                   ("inverted_double_pendulum",), optimizers, 81_920, seeds, METAPPO_CPU_AGENT,
+                   claim="meta-trained vs untrained: what MetaPPO itself added", reference="optim4rl:init", runs=runs),
+        Experiment("i_metappo_reacher", "MetaPPO transfer: meta-trained on inverted_double_pendulum, tested on the "
+                   "unseen reacher (PPO)", "ppo", ("reacher",), optimizers, 204_800, seeds, METAPPO_CPU_AGENT,
+                   claim=claim + "; reacher was never seen in meta-training", runs=runs),
+    ]
 
 
 def paper_regime(budget: str) -> Experiment:

@@ -199,3 +199,33 @@ def test_default_step_sizes_follow_spec_per_task(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         compare.run(spec, tmp_path / "cmp")
     assert seen == [("walker2d", 3e-5)]
+
+
+def test_reproduce_metappo_experiments_match_the_meta_training_agents(monkeypatch):
+    from optim4rl import config as config_lib
+    from optim4rl import reproduce
+    from optim4rl.meta import train as meta_train
+
+    monkeypatch.setattr(reproduce, "list_pretrained", lambda: list(reproduce.METAPPO_FILES))
+    cpu = {e.name: e for e in reproduce.experiments("cpu")}
+    meta = meta_train.load_config(dict(config_lib.load_preset("metappo-inverted_double_pendulum-cpu")["meta"]))
+    for name in ("i_metappo", "i_metappo_vs_init", "i_metappo_reacher"):
+        exp = cpu[name]
+        assert exp.agent == "ppo" and exp.seeds == 5 and exp.runs == "runs-i_metappo"
+        # Agents of the meta-training's shape, the files at its step size.
+        assert exp.overrides["num_envs"] == meta.envs_per_agent
+        for key in ("batch_size", "num_minibatches", "unroll_length", "num_updates_per_batch"):
+            assert exp.overrides[key] == meta.ppo[key], key
+        assert tuple(exp.overrides["policy_hidden_sizes"]) == tuple(meta.ppo["policy_hidden_sizes"])
+        assert tuple(exp.overrides["value_hidden_sizes"]) == tuple(meta.ppo["value_hidden_sizes"])
+        assert {f"optim4rl:{n}@3e-4" for n in reproduce.METAPPO_FILES} <= set(exp.optimizers)
+        assert meta.tasks[0].learning_rate == 3e-4 and "optim4rl:init@3e-4" in exp.optimizers
+    assert cpu["i_metappo"].envs == (meta.tasks[0].env,)
+    assert cpu["i_metappo_reacher"].envs == ("reacher",) and "reacher" != meta.tasks[0].env  # unseen
+    assert cpu["i_metappo_vs_init"].reference == "optim4rl:init"
+    assert cpu["i_metappo_vs_init"].optimizers == cpu["i_metappo"].optimizers  # the same runs, trained once
+    assert {e.name for e in reproduce.experiments("paper")} >= {"i_metappo", "i_metappo_reacher"}
+    assert not any(e.name.startswith("i_metappo") for e in reproduce.experiments("smoke"))
+    # Without the shipped files the experiments are left out.
+    monkeypatch.setattr(reproduce, "list_pretrained", lambda: ["catch"])
+    assert not any(e.name.startswith("i_metappo") for e in reproduce.experiments("cpu"))

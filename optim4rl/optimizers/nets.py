@@ -70,7 +70,14 @@ def mlp_init(key: Array, in_size: int, hidden_sizes: Sequence[int], out_size: in
 
 
 def dense_apply(layer: Params, x: Array) -> Array:
-    """Affine map on feature-major activations: ``x: [..., in, N] -> [..., out, N]``."""
+    """Affine map on feature-major activations: ``x: [..., in, N] -> [..., out, N]``.
+
+    A layer with one output (a head's last layer) is computed as a sum of scaled rows
+    (:func:`rowwise_product`), which XLA fuses into whatever reads it (the ``exp`` of the
+    update rule) instead of running a dot that produces a single row.
+    """
+    if layer["w"].shape[-1] == 1:
+        return rowwise_product(layer["w"], x) + layer["b"][..., :, None]
     return matmul(layer["w"], x) + layer["b"][..., :, None]
 
 
@@ -91,6 +98,43 @@ def rowwise_matmul(w: Array, x: Array) -> Array:
     for i in range(1, x.shape[-2]):
         total = total + w[..., i, :, None] * x[..., i, None, :]
     return total
+
+
+# A GRU with at most this many hidden units computes its recurrent projection with
+# :func:`rowwise_product` too, so that the whole cell (projections, gates, new state) is one fused
+# loop over the coordinates. Measured on a 2-core EPYC (hidden 8, 37k-100k coordinates): one GRU
+# step 26 -> 13 ns per coordinate, while a dot with 8 contracted features streams its operands
+# through memory for little arithmetic.
+ROWWISE_HIDDEN = 8
+
+
+@jax.custom_jvp
+def rowwise_product(w: Array, x: Array) -> Array:
+    """:func:`rowwise_matmul` whose derivatives are matmuls.
+
+    The forward pass is the fusible sum of scaled rows; the tangents (and so, transposed, the
+    backward pass) are ordinary matmuls: differentiating the row sum would turn the weights'
+    cotangent into one reduction over the coordinates per weight, which is several times slower
+    than the dot that contracts them all at once.
+    """
+    return rowwise_matmul(w, x)
+
+
+def _rowwise_product_jvp(primals, tangents):
+    w, x = primals
+    w_dot, x_dot = tangents
+    out = rowwise_product(w, x)
+    terms = []
+    if not isinstance(w_dot, SymbolicZero):
+        terms.append(matmul(w_dot, x))
+    if not isinstance(x_dot, SymbolicZero):
+        terms.append(matmul(w, x_dot))
+    if not terms:
+        return out, jnp.zeros_like(out)
+    return out, sum(terms[1:], terms[0])
+
+
+rowwise_product.defjvp(_rowwise_product_jvp, symbolic_zeros=True)
 
 
 def matmul(w: Array, x: Array) -> Array:
@@ -148,7 +192,11 @@ def gru_apply(params: Params, h: Array, x: Array) -> Array:
         x_r, x_z, x_n = (rowwise_matmul(params["wi"][..., gate], x) for gate in (r, z, n))
     else:
         x_r, x_z, x_n = gate_matmul(params["wi"], x, 3)
-    h_r, h_z, h_n = gate_matmul(params["wh"], h, 3)
+    if hidden <= ROWWISE_HIDDEN:
+        # The recurrent projection as scaled rows too: the cell becomes one fused loop.
+        h_r, h_z, h_n = (rowwise_product(params["wh"][..., gate], h) for gate in (r, z, n))
+    else:
+        h_r, h_z, h_n = gate_matmul(params["wh"], h, 3)
     reset = jax.nn.sigmoid(x_r + b[..., r, None] + h_r)
     update = jax.nn.sigmoid(x_z + b[..., z, None] + h_z)
     candidate = jnp.tanh(x_n + b[..., n, None] + reset * (h_n + bhn[..., :, None]))
