@@ -22,6 +22,7 @@ kernels for transposed operands are several times slower than the matmuls themse
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Sequence
 
@@ -72,11 +73,11 @@ def mlp_init(key: Array, in_size: int, hidden_sizes: Sequence[int], out_size: in
 def dense_apply(layer: Params, x: Array) -> Array:
     """Affine map on feature-major activations: ``x: [..., in, N] -> [..., out, N]``.
 
-    A layer with one output (a head's last layer) is computed as a sum of scaled rows
-    (:func:`rowwise_product`), which XLA fuses into whatever reads it (the ``exp`` of the
+    Inside :func:`fused_rows`, a layer with one output (a head's last layer) is a sum of scaled
+    rows (:func:`rowwise_product`), which XLA fuses into whatever reads it (the ``exp`` of the
     update rule) instead of running a dot that produces a single row.
     """
-    if layer["w"].shape[-1] == 1:
+    if _FUSED_ROWS[0] and layer["w"].shape[-1] == 1:
         return rowwise_product(layer["w"], x) + layer["b"][..., :, None]
     return matmul(layer["w"], x) + layer["b"][..., :, None]
 
@@ -102,10 +103,25 @@ def rowwise_matmul(w: Array, x: Array) -> Array:
 
 # A GRU with at most this many hidden units computes its recurrent projection with
 # :func:`rowwise_product` too, so that the whole cell (projections, gates, new state) is one fused
-# loop over the coordinates. Measured on a 2-core EPYC (hidden 8, 37k-100k coordinates): one GRU
-# step 26 -> 13 ns per coordinate, while a dot with 8 contracted features streams its operands
-# through memory for little arithmetic.
+# loop over the coordinates, and a layer with one output is fused into what reads it, but only
+# inside :func:`fused_rows` (which `coordinatewise` enters where the network runs on all of an
+# unvmapped agent's coordinates at once). Measured on a 2-core EPYC (hidden 8): one GRU step 26 ->
+# 13 ns per coordinate on 37k-100k contiguous coordinates, but 2-4x slower than the dots inside
+# the CPU block loop of a vmapped population, where each block is a strided slice.
 ROWWISE_HIDDEN = 8
+_FUSED_ROWS = [False]
+
+
+@contextlib.contextmanager
+def fused_rows(enabled: bool = True):
+    """Within this context (at trace time), :func:`gru_apply` and :func:`dense_apply` use the fused
+    row sums described at :data:`ROWWISE_HIDDEN`. The numbers are the same to float32 rounding."""
+    previous = _FUSED_ROWS[0]
+    _FUSED_ROWS[0] = enabled
+    try:
+        yield
+    finally:
+        _FUSED_ROWS[0] = previous
 
 
 @jax.custom_jvp
@@ -192,7 +208,7 @@ def gru_apply(params: Params, h: Array, x: Array) -> Array:
         x_r, x_z, x_n = (rowwise_matmul(params["wi"][..., gate], x) for gate in (r, z, n))
     else:
         x_r, x_z, x_n = gate_matmul(params["wi"], x, 3)
-    if hidden <= ROWWISE_HIDDEN:
+    if _FUSED_ROWS[0] and hidden <= ROWWISE_HIDDEN:
         # The recurrent projection as scaled rows too: the cell becomes one fused loop.
         h_r, h_z, h_n = (rowwise_product(params["wh"][..., gate], h) for gate in (r, z, n))
     else:
