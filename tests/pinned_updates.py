@@ -12,11 +12,13 @@ Run as a script to regenerate ``tests/data/pinned_updates.npz``; do that only wh
 are *meant* to change, from the code whose numbers are to be pinned.
 
     python tests/pinned_updates.py
+    python tests/pinned_updates.py --add   # pin only a newly shipped file, keep the rest
 """
 
 from __future__ import annotations
 
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -171,8 +173,20 @@ def compute_all() -> dict[str, np.ndarray]:
     return arrays
 
 
+def add_missing() -> dict[str, np.ndarray]:
+    """The fixture plus the single-update values of cases it lacks (a newly shipped file); the
+    values already pinned are kept as they are."""
+    arrays = dict(np.load(FIXTURE))
+    for label, (spec, options) in cases().items():
+        if f"{label}/single" not in arrays:
+            arrays[f"{label}/single"] = single_updates(spec, options)
+            print(f"pinned {label}")
+    return arrays
+
+
 def main() -> None:
-    arrays = compute_all()
+    # --add: pin only what is missing (run it with the code the other values were pinned with).
+    arrays = add_missing() if "--add" in sys.argv[1:] else compute_all()
     FIXTURE.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(FIXTURE, **arrays)
     print(f"wrote {FIXTURE} ({FIXTURE.stat().st_size / 1024:.0f} KiB, {len(arrays)} arrays)")
