@@ -277,15 +277,18 @@ def cmd_list(args) -> int:
             print(f"  {name}{note}")
     if what in (None, "presets"):
         print("presets (meta-train --preset NAME, or a path to a TOML file):")
-        for name, desc in config_lib.list_presets().items():
-            print(f"  {name:<28} {desc}")
+        presets = config_lib.list_presets()
+        width = max(map(len, presets), default=0)
+        for name, desc in presets.items():
+            print(f"  {name:<{width}}  {desc}")
     if what in (None, "pretrained"):
         print("pretrained optimizers (pass the spec as --optimizer):")
         pretrained = optimizers.registry.describe_pretrained()
         if not pretrained:
             print("  (none shipped yet)")
+        width = max(map(len, pretrained), default=0)
         for spec, desc in pretrained.items():
-            print(f"  {spec:<38} {desc}")
+            print(f"  {spec:<{width}}  {desc}")
     if what == "keys":
         from optim4rl.agents.a2c import A2CConfig
         from optim4rl.agents.ppo import PPOConfig
