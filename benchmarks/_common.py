@@ -7,6 +7,9 @@ import os
 import pathlib
 import platform
 import subprocess
+import sys
+import threading
+from contextlib import contextmanager
 
 
 def machine_info() -> dict:
@@ -42,3 +45,22 @@ def write_report(path: pathlib.Path, report: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+@contextmanager
+def watchdog(seconds: float, what: str):
+    """Ends the process with exit status 124 and one line if the block takes longer than
+    ``seconds``: XLA's CPU runtime occasionally never finishes a program (docs/known_problems.md),
+    and a benchmark should then fail fast rather than hold the machine."""
+    def expire():
+        print(f"benchmark: error: {what} did not finish within {seconds:g} s (XLA's CPU runtime "
+              "sometimes never finishes a program: docs/known_problems.md); rerun it", file=sys.stderr, flush=True)
+        os._exit(124)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()

@@ -13,7 +13,7 @@ the same load; medians are reported with their ratio, and the optimizer state's 
 bytes per parameter coordinate. Writes ``benchmarks/results/dropin_ppo.json``.
 
     python benchmarks/dropin_ppo.py [--steps 200000] [--seeds 4] [--repeats 3]
-        [--learned optim4rl:grid6] [--output PATH]
+        [--learned optim4rl:grid6] [--run-timeout 900] [--output PATH]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import optax
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import git_commit, machine_info, write_report  # noqa: E402
+from _common import git_commit, machine_info, watchdog, write_report  # noqa: E402
 
 import optim4rl  # noqa: E402
 
@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--learned", default="optim4rl:grid6")
+    parser.add_argument("--run-timeout", type=float, default=900.0,
+                        help="seconds one run may take before the benchmark stops (default 900)")
     parser.add_argument("--block-size", type=int, default=None,
                         help="override optim4rl.optimizers.base.CPU_BLOCK_SIZE (0: no blocking)")
     parser.add_argument("--output", type=pathlib.Path,
@@ -222,7 +224,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for label in makers:
             start = time.perf_counter()
-            _, _, score = jax.block_until_ready(compiled[label](keys))
+            with watchdog(args.run_timeout, f"the {label} run"):
+                _, _, score = jax.block_until_ready(compiled[label](keys))
             times[label].append(time.perf_counter() - start)
             loads.append(os.getloadavg()[0])
             scores[label] = [round(float(s), 1) for s in np.asarray(score)]
