@@ -263,7 +263,7 @@ def format_code_versions(code_versions: dict[str, int]) -> str:
     text = ", ".join(f"`{v}` ({n} run{'s' if n != 1 else ''})" for v, n in sorted(code_versions.items()))
     if len(code_versions) > 1:
         text += (" — several code versions: finished runs are reused when their config matches, "
-                 "so numbers can mix versions; a fresh `--out` retrains them all with one")
+                 "so numbers can mix versions; a fresh `--out` retrains them all with one version.")
     return text
 
 
