@@ -215,7 +215,8 @@ def paper_regime(budget: str) -> Experiment:
     """
     paper = budget == "paper"
     sweep = "3e-2,1e-2,3e-3,1e-3,3e-4,1e-4" if paper else "3e-3,1e-3"
-    shipped = tuple(f"optim4rl:{name}@3e-3" for name in ("big_dense_long-gpu", "big_dense_long-64env-actor")
+    shipped = tuple(f"optim4rl:{name}@3e-3" for name in ("big_dense_long-gpu", "big_dense_long-64env-actor",
+                                                          "big_dense_long-rlc2024-cpu")
                     if name in list_pretrained())
     return Experiment(
         "g_paper_regime", "The paper's regime: big_dense_long with 512 envs, score = mean return of the last "

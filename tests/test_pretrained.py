@@ -26,7 +26,8 @@ def test_every_shipped_file_loads_with_provenance(name):
     opt, phi, info = optimizers.load(PRETRAINED_DIR / f"{name}.o4r")
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(phi))
     # The file says how it was made, and the JSON beside it repeats that.
-    assert "meta-train" in info["command"]
+    # meta-train, or sweep (one meta-train run directory per grid point).
+    assert "meta-train" in info["command"] or " sweep " in info["command"]
     assert info["code_version"]["git_commit"]
     record = json.loads((PRETRAINED_DIR / f"{name}.json").read_text())
     assert record["produced_by"]["provenance_in_file"]["seed"] == info["seed"]
