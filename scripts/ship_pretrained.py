@@ -90,7 +90,8 @@ def reevaluate(name: str, compare_dir: Path) -> Path:
         sys.exit(f"ship_pretrained: error: no shipped optimizer {name!r} ({record_path} does not exist)")
     evaluation = _evaluation(compare_dir)
     labels = {r["optimizer"] for task in evaluation["tasks"].values() for r in task["rows"]}
-    if not any(label.split("@")[0].endswith(f":{name}") for label in labels):
+    if not any(label.split("@")[0].endswith(f":{name}") for label in labels) and \
+            not _evaluated_by_path(compare_dir, PRETRAINED_DIR / f"{name}.o4r"):
         sys.exit(f"ship_pretrained: error: {compare_dir} did not evaluate {name!r} (it has: {', '.join(sorted(labels))})")
     record = json.loads(record_path.read_text())
     if record.get("evaluation"):
@@ -98,6 +99,22 @@ def reevaluate(name: str, compare_dir: Path) -> Path:
     record["evaluation"] = evaluation
     record_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record_path
+
+
+def _evaluated_by_path(compare_dir: Path, shipped: Path) -> bool:
+    """Whether the comparison trained a file given by path (as `optim4rl sweep` does) whose bytes
+    are the shipped file's."""
+    config = json.loads((compare_dir / "config.json").read_text())
+    specs = (config.get("config", config)).get("optimizers", [])
+    if not shipped.is_file():
+        return False
+    digest = optimizer_source(f"optim4rl:{shipped}")["sha256"]
+    for spec in specs:
+        source = spec.split("@")[0].split(":", 1)[-1]
+        if source.endswith(".o4r") and Path(source).is_file() \
+                and optimizer_source(f"optim4rl:{source}")["sha256"] == digest:
+            return True
+    return False
 
 
 def _evaluation(compare_dir: Path) -> dict:

@@ -96,3 +96,25 @@ def test_ship_records_the_command_of_the_file_the_run_started_from(ship, tmp_pat
     optimizers.save(start, opt, phi, info={"command": "something else"})
     with pytest.raises(SystemExit, match="changed since the run started"):
         ship.ship(run, "chained", None, None)
+
+
+def test_reevaluate_accepts_a_comparison_that_named_the_same_file_by_path(ship, tmp_path):
+    # `optim4rl sweep` evaluates a grid point's optimizer.o4r by path, under the point's name.
+    import shutil
+
+    from optim4rl.optimizers.registry import pretrained_path
+
+    point = tmp_path / "p00"
+    point.mkdir()
+    shutil.copyfile(pretrained_path("catch"), point / "optimizer.o4r")
+    shutil.copyfile(pretrained_path("catch"), ship.PRETRAINED_DIR / "catch.o4r")
+    (ship.PRETRAINED_DIR / "catch.json").write_text(json.dumps({"name": "catch"}))
+    cmp = _compare_dir(tmp_path / "cmp", "optim4rl:p00", 0.5)
+    config = {"config": {"seeds": 3, "optimizers": ["adam@0.003", f"optim4rl:{point / 'optimizer.o4r'}@0.003"]}}
+    (cmp / "config.json").write_text(json.dumps(config))
+    ship.reevaluate("catch", cmp)
+    assert json.loads((ship.PRETRAINED_DIR / "catch.json").read_text())["evaluation"]["tasks"]
+    # Other bytes under the same path name are not the shipped file.
+    shutil.copyfile(pretrained_path("grid6"), point / "optimizer.o4r")
+    with pytest.raises(SystemExit, match="did not evaluate 'catch'"):
+        ship.reevaluate("catch", cmp)
