@@ -113,11 +113,11 @@ _FUSED_ROWS = [False]
 
 
 @contextlib.contextmanager
-def fused_rows(enabled: bool = True):
+def fused_rows():
     """Within this context (at trace time), :func:`gru_apply` and :func:`dense_apply` use the fused
     row sums described at :data:`ROWWISE_HIDDEN`. The numbers are the same to float32 rounding."""
     previous = _FUSED_ROWS[0]
-    _FUSED_ROWS[0] = enabled
+    _FUSED_ROWS[0] = True
     try:
         yield
     finally:
@@ -136,18 +136,22 @@ def rowwise_product(w: Array, x: Array) -> Array:
     return rowwise_matmul(w, x)
 
 
-def _rowwise_product_jvp(primals, tangents):
-    w, x = primals
-    w_dot, x_dot = tangents
-    out = rowwise_product(w, x)
+def _product_tangent(w: Array, x: Array, w_dot, x_dot) -> Array:
+    """``matmul(w_dot, x) + matmul(w, x_dot)``, the tangent of ``matmul(w, x)``, skipping symbolic
+    zeros (a zero array when both are)."""
     terms = []
     if not isinstance(w_dot, SymbolicZero):
         terms.append(matmul(w_dot, x))
     if not isinstance(x_dot, SymbolicZero):
         terms.append(matmul(w, x_dot))
     if not terms:
-        return out, jnp.zeros_like(out)
-    return out, sum(terms[1:], terms[0])
+        return jnp.zeros(jnp.broadcast_shapes(w.shape[:-2], x.shape[:-2]) + (w.shape[-1], x.shape[-1]), x.dtype)
+    return sum(terms[1:], terms[0])
+
+
+def _rowwise_product_jvp(primals, tangents):
+    w, x = primals
+    return rowwise_product(w, x), _product_tangent(w, x, *tangents)
 
 
 rowwise_product.defjvp(_rowwise_product_jvp, symbolic_zeros=True)
@@ -240,14 +244,8 @@ def _gate_matmul_jvp(num_gates, primals, tangents):
     out_tangents = []
     for i in range(num_gates):
         columns = slice(i * size, (i + 1) * size)
-        terms = []
-        if not isinstance(w_dot, SymbolicZero):
-            terms.append(matmul(w_dot[..., columns], x))
-        if not isinstance(x_dot, SymbolicZero):
-            terms.append(matmul(w[..., columns], x_dot))
-        out_tangents.append(sum(terms[1:], terms[0]) if terms
-                            else jnp.zeros(jnp.broadcast_shapes(w.shape[:-2], x.shape[:-2])
-                                           + (size, x.shape[-1]), x.dtype))
+        gate_w_dot = w_dot if isinstance(w_dot, SymbolicZero) else w_dot[..., columns]
+        out_tangents.append(_product_tangent(w[..., columns], x, gate_w_dot, x_dot))
     return gate_matmul(w, x, num_gates), tuple(out_tangents)
 
 
