@@ -1,7 +1,8 @@
 """The CPU cache blocking of coordinate-wise networks computes what the plain network computes.
 
 Block sizes are shrunk so that small problems span several blocks, with a last block that
-overlaps its neighbour.
+overlaps its neighbour. The fused CPU kernel is turned off: this tests the JAX block loop
+(tests/test_native.py compares the kernel with the JAX network).
 """
 
 import jax
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from optim4rl.optimizers import base
+from optim4rl.optimizers import base, native
 
 ARCHITECTURES = {"default": {}, "rlc2024": {"inputs": "raw", "head_sizes": ()}}
 
@@ -40,10 +41,11 @@ def test_blocked_equals_plain_for_populations_and_meta_gradients(name, monkeypat
         return jnp.sum(jnp.sin(100.0 * population_step(phi, grads)))
 
     def compute():
-        update = jax.jit(population_step)(phi, grads)
-        single = jax.jit(lambda p, g: arch.step(p, g, arch.init_state(n), None, jnp.float32(1e-2), (n,))[0])(
-            phi, grads[0])
-        meta_grad = jax.jit(jax.grad(meta_loss))(phi)
+        with native.disabled():
+            update = jax.jit(population_step)(phi, grads)
+            single = jax.jit(lambda p, g: arch.step(p, g, arch.init_state(n), None,
+                                                    jnp.float32(1e-2), (n,))[0])(phi, grads[0])
+            meta_grad = jax.jit(jax.grad(meta_loss))(phi)
         return update, single, meta_grad
 
     monkeypatch.setattr(base, "CPU_BLOCK_SIZE", 0)

@@ -81,7 +81,7 @@ MIN_BLOCK_WIDTH = 128
 Network = Callable[[Any, tuple], tuple]
 
 
-def coordinatewise(network: Network, phi: Any, columns: tuple) -> tuple:
+def coordinatewise(network: Network, phi: Any, columns: tuple, kernel: Network | None = None) -> tuple:
     """``network(phi, columns)``, computed in cache-sized blocks of coordinates on CPU.
 
     ``columns`` (and the tuple ``network`` returns) hold arrays whose last axis is the coordinate
@@ -103,6 +103,10 @@ def coordinatewise(network: Network, phi: Any, columns: tuple) -> tuple:
     per agent, so that it stays cache-sized. Results equal the plain computation up to float32
     rounding (sums over coordinates are added block by block).
 
+    ``kernel``, where given, is a fused implementation of the same network (same signature,
+    columns with any leading batch axes, φ shared): the forward pass then runs through it, in one
+    piece, and only the backward pass through ``network`` (see :mod:`optim4rl.optimizers.native`).
+
     On GPU, or with ``CPU_BLOCK_SIZE <= 0``, this is just ``network(phi, columns)``. The blocked
     version supports jit, vmap and reverse-mode differentiation (what meta-training uses), not
     forward-mode (``jax.jvp``).
@@ -110,7 +114,7 @@ def coordinatewise(network: Network, phi: Any, columns: tuple) -> tuple:
     columns = tuple(columns)
     if CPU_BLOCK_SIZE <= 0 or jax.default_backend() != "cpu":
         return tuple(network(phi, columns))
-    return tuple(_blocked(network, CPU_BLOCK_SIZE)(phi, columns))
+    return tuple(_blocked(network, CPU_BLOCK_SIZE, kernel)(phi, columns))
 
 
 def _block_layout(n: int, batch: int, block_size: int) -> tuple[int, int]:
@@ -136,8 +140,10 @@ def _put_block(x: Array, block: Array, start: Array) -> Array:
     return jax.lax.dynamic_update_slice_in_dim(x, block, start, axis=x.ndim - 1)
 
 
-def _forward_blocks(network, block_size, batch_dims, phi, columns):
+def _forward_blocks(network, kernel, block_size, batch_dims, phi, columns):
     """The network's outputs, block by block; columns carry ``batch_dims`` leading batch axes."""
+    if kernel is not None:
+        return tuple(kernel(phi, columns))  # fused: one pass, already cache-sized
     n = columns[0].shape[-1]
     width, num_blocks = _block_layout(n, math.prod(columns[0].shape[:batch_dims]), block_size)
     if batch_dims == 0 and not BLOCK_SINGLE_FORWARD:
@@ -212,9 +218,9 @@ def _vmap_with(fn, in_batched, *args):
     return outputs, jax.tree.map(lambda _: True, outputs)
 
 
-def _forward(network, block_size: int, batch_dims: int):
+def _forward(network, block_size: int, batch_dims: int, kernel=None):
     """`_forward_blocks` for columns with `batch_dims` batch axes; vmap adds one more."""
-    forward = functools.partial(_forward_blocks, network, block_size, batch_dims)
+    forward = functools.partial(_forward_blocks, network, kernel, block_size, batch_dims)
     batched_forward = custom_vmap(forward)
 
     @batched_forward.def_vmap
@@ -223,7 +229,7 @@ def _forward(network, block_size: int, batch_dims: int):
         if any(jax.tree.leaves(phi_batched)):
             return _vmap_with(forward, in_batched, phi, columns)
         columns = _with_batch_axis(axis_size, columns, columns_batched)
-        outputs = _forward(network, block_size, batch_dims + 1)(phi, columns)
+        outputs = _forward(network, block_size, batch_dims + 1, kernel)(phi, columns)
         return outputs, tuple(True for _ in outputs)
 
     return batched_forward
@@ -247,10 +253,10 @@ def _backward(network, block_size: int, batch_dims: int):
     return batched_backward
 
 
-def _blocked(network, block_size: int):
+def _blocked(network, block_size: int, kernel=None):
     @jax.custom_vjp
     def blocked(phi, columns):
-        return _forward(network, block_size, 0)(phi, columns)
+        return _forward(network, block_size, 0, kernel)(phi, columns)
 
     def blocked_fwd(phi, columns):
         # Residuals are the inputs only: the backward pass recomputes each block.

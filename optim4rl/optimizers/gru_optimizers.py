@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from optim4rl.optimizers.base import (GRUState, LearnedOptimizer, MetaParams, check_choice,
                                       check_positive, coordinatewise, freeze_sequences)
+from optim4rl.optimizers import native
 from optim4rl.optimizers.nets import gru_apply, gru_init, mlp_apply, mlp_init
 
 Array = jax.Array
@@ -137,7 +138,7 @@ class Optim4RL(LearnedOptimizer):
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
         direction, hidden_m, hidden_v = coordinatewise(
-            self._network, phi, (grads, state.hidden_m, state.hidden_v))
+            self._network, phi, (grads, state.hidden_m, state.hidden_v), native.kernel_for(self))
         return -learning_rate * direction, Optim4RLState(hidden_m, hidden_v, state.count + 1)
 
     def _network(self, phi, columns):

@@ -1,0 +1,193 @@
+"""A fused CPU kernel for Optim4RL's coordinate-wise network, built on first use.
+
+XLA runs the network (two GRU cells, two MLP heads, the update rule) as some twenty separate
+loops over the coordinates, each reading and writing ``[features, N]`` activations. The kernel in
+``optim4rl_cpu.cc`` runs it in one pass: 16 coordinates at a time, whole network in SIMD
+registers, only the update and the new hidden states written back, spread over XLA's CPU thread
+pool. It is called as an XLA FFI custom call from inside jitted code, so nothing leaves the
+compiled program.
+
+It is compiled once per machine with the system's C++ compiler (``$CXX``, else ``c++``/``g++``/
+``clang++``) against the XLA FFI headers that ship with jaxlib, with ``-march=native``, and cached
+in ``$OPTIM4RL_CACHE_DIR`` (default ``~/.cache/optim4rl``) under a key made of the source, the
+compiler, the jax version and the CPU's feature flags. Without a compiler, or with
+``OPTIM4RL_NATIVE=0``, the network runs as plain JAX; the numbers agree to float32 rounding
+(``tests/test_native.py``). It covers the forward pass only (a training step, the drop-in's case,
+and the forward half of meta-training); meta-gradients come from the JAX network, as before.
+Supported: hidden size 8 with heads (16, 16) (the default) or linear heads (``rlc2024``), both
+input processings, no learned sign flip; anything else runs as JAX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).with_name("optim4rl_cpu.cc")
+TARGET = "optim4rl_optim4rl_forward"
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
+NATIVE_FLAGS = ("-march=native",)
+
+_lock = threading.Lock()
+_state: dict = {"library": None, "tried": False, "error": None}
+_enabled = [os.environ.get("OPTIM4RL_NATIVE", "1") != "0"]
+
+
+@contextlib.contextmanager
+def disabled():
+    """Within this context (at trace time) Optim4RL's network runs as plain JAX."""
+    previous = _enabled[0]
+    _enabled[0] = False
+    try:
+        yield
+    finally:
+        _enabled[0] = previous
+
+
+def cache_dir() -> Path:
+    if os.environ.get("OPTIM4RL_CACHE_DIR"):
+        return Path(os.environ["OPTIM4RL_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "optim4rl"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _build(compiler: str) -> Path:
+    include = jax.ffi.include_dir()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, jax.__version__,
+                                    " ".join(FLAGS + NATIVE_FLAGS), _cpu_signature()]).encode())
+    target_dir = cache_dir() / "native"
+    library = target_dir / f"optim4rl_cpu-{key.hexdigest()[:16]}.so"
+    if library.exists():
+        return library
+    target_dir.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for extra in (NATIVE_FLAGS, ()):  # -march=native, else the compiler's default target
+        with tempfile.NamedTemporaryFile(dir=target_dir, suffix=".so", delete=False) as tmp:
+            partial = Path(tmp.name)
+        command = [compiler, *FLAGS, *extra, "-I", include, str(SOURCE), "-o", str(partial)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode == 0:
+            os.replace(partial, library)  # atomic: concurrent builds cannot leave a half file
+            return library
+        partial.unlink(missing_ok=True)
+        errors.append(result.stderr.strip().splitlines()[-1:] or ["failed"])
+    raise RuntimeError(f"{compiler} could not build {SOURCE.name}: {errors}")
+
+
+def library() -> ctypes.CDLL | None:
+    """The built and registered kernel library, or ``None`` where it cannot be built."""
+    with _lock:
+        if not _state["tried"]:
+            _state["tried"] = True
+            try:
+                compiler = _compiler()
+                if compiler is None:
+                    raise RuntimeError("no C++ compiler found (set $CXX)")
+                lib = ctypes.CDLL(str(_build(compiler)))
+                jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Optim4RLForward),
+                                            platform="cpu")
+                lib.optim4rl_native_supports.restype = ctypes.c_int
+                lib.optim4rl_native_supports.argtypes = [ctypes.c_int64] * 3
+                _state["library"] = lib
+            except Exception as error:  # noqa: BLE001 -- any failure means: run as JAX
+                _state["error"] = f"{type(error).__name__}: {error}"
+                warnings.warn(f"optim4rl: the fused CPU kernel is not available ({_state['error']}); "
+                              "Optim4RL's network runs as plain JAX", RuntimeWarning, stacklevel=2)
+        return _state["library"]
+
+
+def status() -> str:
+    """One line for run records and benchmarks: ``native``, ``off``, or why it is not built."""
+    if not _enabled[0]:
+        return "off"
+    if library() is not None:
+        return "native"
+    return f"unavailable ({_state['error']})"
+
+
+def _head_sizes(head_sizes: tuple[int, ...]) -> tuple[int, int] | None:
+    if len(head_sizes) == 0:
+        return 0, 0
+    if len(head_sizes) == 2:
+        return head_sizes
+    return None
+
+
+def kernel_for(opt):
+    """``kernel(phi, columns) -> (direction, hidden_m, hidden_v)`` for an Optim4RL architecture,
+    or ``None`` where the fused kernel does not apply (not on CPU, unsupported sizes, disabled)."""
+    if not _enabled[0] or jax.default_backend() != "cpu" or opt.sign_flip:
+        return None
+    heads = _head_sizes(tuple(opt.head_sizes))
+    if heads is None:
+        return None
+    lib = library()
+    if lib is None or not lib.optim4rl_native_supports(opt.hidden_size, *heads):
+        return None
+    return functools.partial(_forward, opt.hidden_size, heads, opt.inputs == "raw",
+                             float(opt.log_eps), float(opt.eps), float(opt.log_scale))
+
+
+def pack_phi(phi: dict, raw_heads: tuple[int, int]) -> jax.Array:
+    """φ as the one flat vector the kernel reads (layout in optim4rl_cpu.cc)."""
+    def gru(p):
+        return [p["wi"], p["wh"], p["b"], p["bhn"]]
+
+    def head(p):
+        return [leaf for i in range(len(p)) for leaf in (p[f"dense{i}"]["w"], p[f"dense{i}"]["b"])]
+
+    leaves = gru(phi["gru_m"]) + head(phi["head_m"]) + gru(phi["gru_v"]) + head(phi["head_v"])
+    return jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves])
+
+
+def _forward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns):
+    grads, hidden_m, hidden_v = columns
+    lead = jnp.broadcast_shapes(grads.shape[:-1], hidden_m.shape[:-2], hidden_v.shape[:-2])
+    n = grads.shape[-1]
+    batch = math.prod(lead)
+    g = jnp.broadcast_to(grads, lead + (n,)).reshape(batch, n).astype(jnp.float32)
+    hm = jnp.broadcast_to(hidden_m, lead + (hidden, n)).reshape(batch, hidden, n)
+    hv = jnp.broadcast_to(hidden_v, lead + (hidden, n)).reshape(batch, hidden, n)
+    out_types = (jax.ShapeDtypeStruct((batch, n), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32))
+    call = jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential")
+    direction, hm, hv = call(pack_phi(phi, heads), g, hm.astype(jnp.float32), hv.astype(jnp.float32),
+                             hidden=np.int64(hidden), head1=np.int64(heads[0]), head2=np.int64(heads[1]),
+                             raw=bool(raw), log_eps=np.float32(log_eps), eps=np.float32(eps),
+                             log_scale=np.float32(log_scale))
+    return (direction.reshape(lead + (n,)), hm.reshape(lead + (hidden, n)),
+            hv.reshape(lead + (hidden, n)))

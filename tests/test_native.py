@@ -1,0 +1,161 @@
+"""The fused CPU kernel (optim4rl.optimizers.native) computes what the JAX network computes.
+
+Every comparison runs the same update twice, once through the kernel and once with it turned off
+(plain JAX), on the same inputs: outputs, hidden states, vmapped populations, partial tiles,
+zero and non-finite gradients, and meta-gradients (whose forward pass then runs through the
+kernel). Where a C++ compiler exists the kernel must build: a machine that has one but cannot
+build it would silently run 2x slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optim4rl
+from optim4rl.optimizers import native
+from optim4rl.optimizers.gru_optimizers import Optim4RL
+
+ARCHITECTURES = {
+    "default": Optim4RL(),
+    "rlc2024": Optim4RL(inputs="raw", head_sizes=()),
+    "raw_mlp": Optim4RL(inputs="raw"),
+    "log_scale": Optim4RL(log_scale=0.1),
+}
+# Reordered float32 sums and ~1-ulp transcendentals, over a few recurrent steps. Hidden states
+# (of order one, some near zero after cancellations) get an absolute tolerance; updates (of
+# order α = 1e-3, exactly zero where the gradient is) a relative one.
+TOLERANCE = {"update": {"rtol": 2e-5, "atol": 1e-12},
+             "hidden_m": {"rtol": 2e-5, "atol": 2e-6},
+             "hidden_v": {"rtol": 2e-5, "atol": 2e-6}}
+
+pytestmark = pytest.mark.skipif(native.library() is None,
+                                reason=f"fused kernel not built: {native.status()}")
+
+
+def perturbed_phi(opt, seed=0, scale=0.3):
+    """Meta-parameters away from their initialisation (non-zero biases), so every term counts."""
+    phi = opt.init_meta(jax.random.key(seed))
+    leaves, treedef = jax.tree.flatten(phi)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape)
+                                        for x, k in zip(leaves, keys)])
+
+
+def gradient_stream(shape, steps=4, seed=2):
+    """Gradients over many magnitudes, a third of them exactly zero (as in A2C)."""
+    keys = jax.random.split(jax.random.key(seed), steps)
+    out = []
+    for key in keys:
+        k1, k2, k3 = jax.random.split(key, 3)
+        g = jax.random.normal(k1, shape) * jnp.exp(jax.random.uniform(k2, shape, minval=-16, maxval=1))
+        out.append(jnp.where(jax.random.uniform(k3, shape) < 0.33, 0.0, g))
+    return out
+
+
+def run_steps(opt, phi, grads, vmapped, use_native):
+    """(updates, hidden_m, hidden_v) after each step of `grads`, jitted afresh."""
+    context = contextlib.nullcontext() if use_native else native.disabled()
+    with context:
+        tx = opt.transform(phi, learning_rate=1e-3)
+        init, update = tx.init, tx.update
+        if vmapped:
+            init, update = jax.vmap(init), jax.vmap(update)
+        step = jax.jit(lambda g, s: update(g, s))  # a new function: traced under `context`
+        state = init(grads[0])
+        outputs = []
+        for g in grads:
+            delta, state = step(g, state)
+            outputs.append((np.asarray(delta), np.asarray(state.hidden_m), np.asarray(state.hidden_v)))
+    return outputs
+
+
+def test_the_kernel_builds_where_a_compiler_exists():
+    if shutil.which("c++") or shutil.which("g++"):
+        assert native.status() == "native", native.status()
+
+
+@pytest.mark.parametrize("label", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("vmapped", [False, True], ids=["single", "population"])
+def test_kernel_equals_the_jax_network(label, vmapped):
+    opt = ARCHITECTURES[label]
+    phi = perturbed_phi(opt)
+    assert native.kernel_for(opt) is not None
+    # 3 agents of 1,037 coordinates: several threads' chunks and a partial last tile per row.
+    shape = (3, 1037) if vmapped else (5003,)
+    grads = gradient_stream(shape)
+    fused = run_steps(opt, phi, grads, vmapped, use_native=True)
+    plain = run_steps(opt, phi, grads, vmapped, use_native=False)
+    for step, (a, b) in enumerate(zip(fused, plain)):
+        for name, x, y in zip(("update", "hidden_m", "hidden_v"), a, b):
+            np.testing.assert_allclose(x, y, err_msg=f"{label} step {step} {name}",
+                                       **TOLERANCE[name])
+        assert np.any(a[0] != 0.0)
+
+
+def test_the_kernel_is_traced_into_the_update():
+    opt = ARCHITECTURES["default"]
+    tx = opt.transform(opt.init_meta(jax.random.key(0)), 1e-3)
+    params = jnp.zeros((100,))
+    text = jax.jit(tx.update).lower(params, tx.init(params)).as_text()
+    assert native.TARGET in text
+    with native.disabled():
+        text = jax.jit(lambda g, s: tx.update(g, s)).lower(params, tx.init(params)).as_text()
+    assert native.TARGET not in text
+
+
+def test_non_finite_gradients_stay_non_finite():
+    # A nan or inf gradient must not become a finite update (the run would hide its divergence).
+    opt = ARCHITECTURES["default"]
+    for use_native in (True, False):
+        with contextlib.nullcontext() if use_native else native.disabled():
+            tx = opt.transform(perturbed_phi(opt), 1e-3)
+            g = jnp.array([1e-3, jnp.nan, -2e-3, 0.0] * 5)
+            delta, state = jax.jit(lambda g, s: tx.update(g, s))(g, tx.init(g))
+        assert np.isnan(np.asarray(delta)[1::4]).all(), use_native
+        assert np.isfinite(np.asarray(delta)[0::4]).all(), use_native
+        assert np.isnan(np.asarray(state.hidden_m)[:, 1]).all(), use_native
+
+
+def test_unsupported_architectures_run_as_jax():
+    assert native.kernel_for(Optim4RL(sign_flip=True)) is None
+    assert native.kernel_for(Optim4RL(head_sizes=(32,))) is None
+    assert native.kernel_for(Optim4RL(hidden_size=4)) is None
+    with native.disabled():
+        assert native.kernel_for(Optim4RL()) is None
+        assert native.status() == "off"
+    # and they still work
+    tx = optim4rl.make_optimizer("optim4rl:init", learning_rate=1e-3, hidden_size=4)
+    g = jnp.ones((10,))
+    assert np.isfinite(np.asarray(tx.update(g, tx.init(g))[0])).all()
+
+
+@pytest.mark.parametrize("label", ["default", "rlc2024"])
+def test_meta_gradients_through_the_kernel_equal_the_jax_ones(label):
+    # Meta-training differentiates a loss through the updates: the forward pass runs through the
+    # kernel, the backward pass through the JAX network; the result must not change.
+    opt = ARCHITECTURES[label]
+    phi = perturbed_phi(opt, scale=0.1)
+    grads = gradient_stream((2, 777), steps=3)
+    target = jax.random.normal(jax.random.key(9), (2, 777))
+
+    def loss(phi):
+        tx = opt.transform(phi, learning_rate=1e-2)
+        params = jnp.zeros((2, 777))
+        state = jax.vmap(tx.init)(params)
+        for g in grads:
+            delta, state = jax.vmap(tx.update)(g, state)
+            params = params + delta
+        return jnp.sum((params - 1e-2 * target) ** 2)
+
+    fused = jax.jit(jax.grad(lambda p: loss(p)))(phi)
+    with native.disabled():
+        plain = jax.jit(jax.grad(lambda p: loss(p)))(phi)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fused), jax.tree.leaves(plain)):
+        scale = float(np.max(np.abs(b))) or 1.0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))
