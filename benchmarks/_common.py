@@ -9,6 +9,7 @@ import platform
 import subprocess
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 
@@ -16,6 +17,7 @@ def machine_info() -> dict:
     import jax
 
     import optim4rl
+    from optim4rl.optimizers import native
 
     device = jax.devices()[0]
     return {
@@ -25,7 +27,24 @@ def machine_info() -> dict:
         "machine": platform.processor() or platform.machine(),
         "jax_version": jax.__version__,
         "optim4rl_version": optim4rl.__version__,
+        # Whether Optim4RL's network ran through the fused CPU kernel ("native") or as JAX.
+        "optim4rl_native": native.status(),
     }
+
+
+def timed_runs(fn, args, repeats: int, warmup: int = 5) -> list[float]:
+    """Seconds of each of ``repeats`` calls ``fn(*args)`` (each ended by ``block_until_ready``),
+    after ``warmup`` untimed calls. ``fn`` is already jitted or compiled."""
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def git_commit() -> str | None:

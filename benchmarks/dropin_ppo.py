@@ -5,7 +5,8 @@ The training loop is PureJaxRL's ``ppo.py`` (Lu et al. 2022) in compact form: gy
 GAE, clipped surrogate, global-norm clip 0.5 chained before the optimizer, linearly annealed step
 size 2.5e-4; the whole run is one ``lax.scan`` inside one ``jit``, vmapped over 4 seeds. The only
 difference between the two runs is the optimizer line: ``optax.adam(lr)`` or
-``make_optimizer("optim4rl:grid6", lr)``.
+``make_optimizer("optim4rl:grid6", lr)``. Where the fused CPU kernel is built, a third run uses
+the learned optimizer with its network as plain JAX (``optim4rl.optimizers.native``).
 
 Compilation is done first (``jit(...).lower(...).compile()``); the run phase, the compiled
 program's execution, is timed alone. The optimizers alternate (A, B, A, B ...) so that both see
@@ -19,6 +20,7 @@ bytes per parameter coordinate. Writes ``benchmarks/results/dropin_ppo.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import statistics
@@ -37,6 +39,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from _common import git_commit, machine_info, watchdog, write_report  # noqa: E402
+
+from optim4rl.optimizers import native  # noqa: E402
 
 import optim4rl  # noqa: E402
 
@@ -203,14 +207,19 @@ def main() -> None:
     if args.block_size is not None:
         optim4rl.optimizers.base.CPU_BLOCK_SIZE = args.block_size
 
+    learned_jax = f"{args.learned} (JAX network)"
     makers = {"adam": lambda lr: optax.adam(lr),
               args.learned: lambda lr: optim4rl.make_optimizer(args.learned, learning_rate=lr)}
+    if args.learned.startswith("optim4rl") and native.status() == "native":
+        # The same learned optimizer with its network as plain JAX: the fused kernel's gain.
+        makers[learned_jax] = makers[args.learned]
     keys = jax.random.split(jax.random.key(0), args.seeds)
     compiled, compile_s, state_floats, state_bytes, num_params = {}, {}, {}, {}, None
     for label, make_tx in makers.items():
         train, network, tx = make_train(args.steps, make_tx)
         start = time.perf_counter()
-        compiled[label] = jax.jit(jax.vmap(train)).lower(keys).compile()
+        with native.disabled() if label == learned_jax else contextlib.nullcontext():
+            compiled[label] = jax.jit(jax.vmap(train)).lower(keys).compile()
         compile_s[label] = time.perf_counter() - start
         env, env_params = gymnax.make("CartPole-v1")
         params = network.init(jax.random.key(0), jnp.zeros(env.observation_space(env_params).shape))
@@ -247,6 +256,8 @@ def main() -> None:
         "median_run_s": {label: round(m, 3) for label, m in median.items()},
         "compile_s": {label: round(s, 1) for label, s in compile_s.items()},
         "ratio_learned_to_adam": round(ratio, 2),
+        "ratio_learned_jax_network_to_adam": (round(median[learned_jax] / median["adam"], 2)
+                                              if learned_jax in median else None),
         "pair_ratios": [round(r, 2) for r in pair_ratios],
         "state_floats_per_coordinate": state_floats,
         "state_bytes_per_coordinate": state_bytes,
@@ -261,6 +272,8 @@ def main() -> None:
               f"return {np.mean(scores[label]):.1f}")
     print(f"  ratio {args.learned} / adam: {ratio:.2f}x (pairs: "
           f"{', '.join(f'{r:.2f}' for r in pair_ratios)})")
+    if learned_jax in median:
+        print(f"  ratio {learned_jax} / adam: {median[learned_jax] / median['adam']:.2f}x")
     write_report(args.output, report)
 
 

@@ -10,8 +10,9 @@ feature-major activations ``[features, N]``:
 - an MLP head 8 → 16 → 16 → 1 (the default) and a linear head 8 → 1 (rlc2024);
 - the inputs ``log(|g| + ε)`` and the update rule ``sign(g)·exp(o1)·rsqrt(exp(o2) + ε)``;
 - a copy of a ``[16, N]`` array (the memory traffic of one layer);
-- the whole optimizer update (``tx.update``: ravel, network, unravel), default and rlc2024, and
-  Adam's, vmapped over the seeds as in the drop-in.
+- the whole optimizer update (``tx.update``: ravel, network, unravel), default and rlc2024, with
+  the fused CPU kernel (``optim4rl.optimizers.native``) and as plain JAX (``_jax``), and Adam's,
+  vmapped over the seeds as in the drop-in.
 
 Prints ns per coordinate and writes ``benchmarks/results/kernel_parts.json``.
 
@@ -25,7 +26,6 @@ import os
 import pathlib
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -34,24 +34,24 @@ import optax
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import git_commit, machine_info, write_report  # noqa: E402
+from _common import git_commit, machine_info, timed_runs, write_report  # noqa: E402
 
 import optim4rl  # noqa: E402
-from optim4rl.optimizers import nets  # noqa: E402
+from optim4rl.optimizers import native, nets  # noqa: E402
 
 SHAPES = {"dropin_4x9155": (4, 9155), "single_100k": (1, 99_985)}
 
 
 def median_seconds(fn, args, repeats: int) -> float:
-    compiled = jax.jit(fn).lower(*args).compile()
-    for _ in range(5):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed_runs(jax.jit(fn).lower(*args).compile(), args, repeats))
+
+
+def jax_network(fn):
+    """``fn`` traced with the fused CPU kernel turned off: Optim4RL's network as plain JAX."""
+    def run(*args):
+        with native.disabled():
+            return fn(*args)
+    return run
 
 
 def fused(fn):
@@ -97,7 +97,10 @@ def parts(seeds: int, n: int) -> dict:
                                                            inputs="raw", head_sizes=()),
     }.items():
         state = jax.vmap(tx.init)(params)
-        table[label] = (jax.vmap(lambda g, s, p, tx=tx: tx.update(g, s, p)), (stacked_grads, state, params))
+        update = jax.vmap(lambda g, s, p, tx=tx: tx.update(g, s, p))
+        table[label] = (update, (stacked_grads, state, params))
+        if label != "update_adam":  # the same update with the network as plain JAX
+            table[label + "_jax"] = (jax_network(update), (stacked_grads, state, params))
     return table
 
 

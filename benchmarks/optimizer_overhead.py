@@ -4,8 +4,10 @@ For every optimizer, times one jitted ``tx.update(grads, state, params)`` (media
 each ended by ``block_until_ready``), reports it relative to Adam and per parameter, with the
 update's FLOPs per coordinate (XLA's cost analysis of the compiled update; transcendentals
 counted apart) and the fraction of this CPU's float32 peak it reaches, the peak being measured in
-the same run by a large float32 matmul. Prints a table and writes
-``benchmarks/results/optimizer_overhead.json``.
+the same run by a large float32 matmul. Optim4RL's rows use the fused CPU kernel where it is
+built (``optim4rl.optimizers.native``); the ``_jax`` rows time the same architectures with the
+network as plain JAX, in the same rounds. FLOPs are always those of the JAX network. Prints a
+table and writes ``benchmarks/results/optimizer_overhead.json``.
 
     python benchmarks/optimizer_overhead.py [--repeats 200] [--block-single-forward]
         [--output PATH]
@@ -14,6 +16,7 @@ the same run by a large float32 matmul. Prints a table and writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pathlib
 import statistics
@@ -27,9 +30,10 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import git_commit, machine_info, write_report  # noqa: E402
+from _common import git_commit, machine_info, timed_runs, write_report  # noqa: E402
 
 import optim4rl  # noqa: E402
+from optim4rl.optimizers import native  # noqa: E402
 
 # A 64 -> 256 -> 256 -> 64 -> 17 MLP: 99,985 parameters in 8 tensors.
 LAYER_SIZES = (64, 256, 256, 64, 17)
@@ -45,6 +49,9 @@ OPTIMIZERS = {  # label: (spec, architecture options)
     "lin": ("lin:init", {}),
     "star": ("star:init", {}),
 }
+# Optim4RL's rows run through the fused CPU kernel where it is built; these run the same
+# architectures with the network as plain JAX, timed in the same rounds (before/after).
+JAX_NETWORK = ("optim4rl", "optim4rl_raw", "rlc2024")
 
 
 def mlp_params(key: jax.Array) -> dict:
@@ -73,26 +80,14 @@ def peak_flops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def update_cost(tx, params, grads) -> dict:
-    """XLA's FLOP and transcendental counts of the compiled update."""
-    compiled = jax.jit(tx.update).lower(grads, tx.init(params), params).compile()
+    """XLA's FLOP and transcendental counts of the compiled update, with the network as JAX
+    (XLA cannot count inside the fused kernel's custom call)."""
+    with native.disabled():
+        compiled = jax.jit(lambda g, s, p: tx.update(g, s, p)).lower(grads, tx.init(params), params).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"flops": float(cost.get("flops", 0.0)),
             "transcendentals": float(cost.get("transcendentals", 0.0))}
-
-
-def time_update(tx, params, grads, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` jitted updates (compiled and warmed up first)."""
-    update = jax.jit(tx.update)
-    state = tx.init(params)
-    for _ in range(5):
-        jax.block_until_ready(update(grads, state, params))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(update(grads, state, params))
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -111,12 +106,26 @@ def main() -> None:
     num_params = sum(int(p.size) for p in jax.tree.leaves(params))
 
     peak = peak_flops()
-    times, costs, loads = {}, {}, {}
-    for label, (spec, options) in OPTIMIZERS.items():
+    runs, costs = {}, {}  # label: (compiled update, its arguments)
+    labels = list(OPTIMIZERS) + [f"{label}_jax" for label in JAX_NETWORK]
+    for label in labels:
+        spec, options = OPTIMIZERS[label.removesuffix("_jax")]
         tx = optim4rl.make_optimizer(spec, learning_rate=1e-3, grad_clip=1.0, **options)
         costs[label] = update_cost(tx, params, grads)
-        times[label] = time_update(tx, params, grads, args.repeats)
-        loads[label] = round(os.getloadavg()[0], 2)
+        state = tx.init(params)
+        context = native.disabled() if label.endswith("_jax") else contextlib.nullcontext()
+        with context:  # traced (compiled) here, inside the context
+            update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)).lower(grads, state, params).compile()
+        runs[label] = (update, (grads, state, params))
+    # Rounds over all optimizers in turn, so that a change of load hits them all alike.
+    times = {label: [] for label in labels}
+    loads = {label: [] for label in labels}
+    rounds = 4
+    for _ in range(rounds):
+        for label, (update, update_args) in runs.items():
+            times[label] += timed_runs(update, update_args, max(1, args.repeats // rounds))
+            loads[label].append(os.getloadavg()[0])
+    loads = {label: round(max(values), 2) for label, values in loads.items()}
     seconds = {label: statistics.median(t) for label, t in times.items()}
 
     results = {
@@ -147,6 +156,7 @@ def main() -> None:
         **machine_info(),
         "results": results,
         "optim4rl_ns_per_param": results["optim4rl"]["ns_per_param"],
+        "rlc2024_ns_per_param": results["rlc2024"]["ns_per_param"],
     }
 
     print(f"one jitted update, {num_params:,} parameters, {report['device']}, "
