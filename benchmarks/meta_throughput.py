@@ -15,18 +15,21 @@ own; where the device reports memory statistics (GPUs), the peak device memory i
 ``--block-size`` overrides ``optim4rl.optimizers.base.CPU_BLOCK_SIZE`` (0: the learned optimizer
 runs on all coordinates at once, without cache blocking). ``--remat`` overrides the preset's
 ``meta.remat``; the table shows the setting used ("auto" resolved by the trainer from its memory
-estimate, which is reported too). Prints a table and writes
+estimate, which is reported too). Where the fused CPU kernel of Optim4RL's network is built
+(``optim4rl.optimizers.native``), each preset also runs with the network as plain JAX
+(``OPTIM4RL_NATIVE=0``), and the kernel's gain is reported (``--network native|jax`` runs one). Prints a table and writes
 ``benchmarks/results/meta_throughput.json`` (``meta_throughput_ppo.json`` with ``--agent ppo``).
 
     python benchmarks/meta_throughput.py [--agent a2c|ppo] [--presets big_dense_long-cpu,grid6-cpu] [--agents 8]
         [--iterations-per-chunk 1] [--repeats 3] [--block-size N] [--remat auto|full|none]
-        [--output PATH]
+        [--network both|native|jax] [--output PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import resource
 import statistics
@@ -130,6 +133,9 @@ def main() -> None:
                         help="override optim4rl.optimizers.base.CPU_BLOCK_SIZE (0: no blocking)")
     parser.add_argument("--remat", choices=("auto", "full", "none"), default=None,
                         help="override the preset's meta.remat (default: the preset's, \"auto\")")
+    parser.add_argument("--network", choices=("both", "native", "jax"), default="both",
+                        help="Optim4RL's network as the fused CPU kernel, as plain JAX, or both (the default; "
+                             "JAX only where the kernel is not built)")
     parser.add_argument("--output", type=pathlib.Path, default=None,
                         help="default benchmarks/results/meta_throughput.json (a2c), meta_throughput_ppo.json (ppo)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # one preset, JSON on stdout
@@ -145,9 +151,16 @@ def main() -> None:
         print(json.dumps(row))
         return
 
-    results = {}
-    for preset in [p.strip() for p in args.presets.split(",") if p.strip()]:
-        print(f"running {preset} ...", flush=True)
+    from optim4rl.optimizers import native
+
+    networks = {"both": ("native", "jax"), "native": ("native",), "jax": ("jax",)}[args.network]
+    if native.status() != "native":
+        networks = ("jax",)
+    results, speedup = {}, {}
+    runs = [(p.strip(), n) for p in args.presets.split(",") if p.strip() for n in networks]
+    for preset, network in runs:
+        label = preset if network == "native" or len(networks) == 1 else f"{preset} (JAX network)"
+        print(f"running {label} ...", flush=True)
         command = [sys.executable, __file__, "--worker", preset, "--agents", str(args.agents),
                    "--iterations-per-chunk", str(args.iterations_per_chunk),
                    "--repeats", str(args.repeats)]
@@ -155,11 +168,15 @@ def main() -> None:
             command += ["--block-size", str(args.block_size)]
         if args.remat is not None:
             command += ["--remat", args.remat]
-        proc = subprocess.run(command, capture_output=True, text=True)
+        env = dict(os.environ, OPTIM4RL_NATIVE="1" if network == "native" else "0")
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            sys.exit(f"{preset} failed:\n{proc.stderr[-3000:]}")
-        row = results[preset] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {preset}: median {row['median_steps_per_s']:.0f} env-steps/s, "
+            sys.exit(f"{label} failed:\n{proc.stderr[-3000:]}")
+        row = results[label] = json.loads(proc.stdout.strip().splitlines()[-1])
+        row["network"] = network
+        if network == "jax" and preset in results and results[preset]["network"] == "native":
+            speedup[preset] = round(results[preset]["median_steps_per_s"] / row["median_steps_per_s"], 2)
+        print(f"  {label}: median {row['median_steps_per_s']:.0f} env-steps/s, "
               f"{row['median_steps_per_cpu_s']:.0f} per CPU-s, "
               f"{row['median_s_per_iteration']:.2f} s/meta-iteration, "
               f"peak RSS {row['peak_rss_mib']:.0f} MiB, remat {row['remat_used']}", flush=True)
@@ -171,18 +188,21 @@ def main() -> None:
         **machine_info(),
         "commit": git_commit(),
         "results": results,
+        "native_speedup": speedup,  # env-steps/s with the fused kernel / with the JAX network
     }
     print(f"\nmeta-training throughput, {report['device']}, {args.repeats} timed chunks of "
           f"{args.iterations_per_chunk} meta-iteration(s)")
-    header = (f"{'preset':<38}{'agents':>8}{'coords':>11}{'steps/s':>10}{'steps/CPU-s':>13}"
+    header = (f"{'preset':<52}{'agents':>8}{'coords':>11}{'steps/s':>10}{'steps/CPU-s':>13}"
               f"{'s/iter':>8}{'compile s':>11}{'peak RSS MiB':>14}{'remat':>7}")
     print(header)
     for preset, row in results.items():
         agents_text = ",".join(str(a) for a in sorted(set(row["agents_per_task"])))
-        print(f"{preset:<38}{agents_text:>8}{row['optimizer_coordinates']:>11,}"
+        print(f"{preset:<52}{agents_text:>8}{row['optimizer_coordinates']:>11,}"
               f"{row['median_steps_per_s']:>10.0f}{row['median_steps_per_cpu_s']:>13.0f}"
               f"{row['median_s_per_iteration']:>8.2f}{row['compile_and_first_chunk_s']:>11.1f}"
               f"{row['peak_rss_mib']:>14.0f}{row['remat_used']:>7}")
+    for preset, ratio in speedup.items():
+        print(f"fused kernel / JAX network, {preset}: {ratio:.2f}x env-steps/s")
     write_report(args.output, report)
 
 
