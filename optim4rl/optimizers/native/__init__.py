@@ -3,8 +3,9 @@
 XLA runs the network (two GRU cells, two MLP heads, the update rule) as some twenty separate
 loops over the coordinates, each reading and writing ``[features, N]`` activations. The kernel in
 ``optim4rl_cpu.cc`` runs it in one pass: 16 coordinates at a time, whole network in SIMD
-registers, only the update and the new hidden states written back, spread over XLA's CPU thread
-pool. It is called as an XLA FFI custom call from inside jitted code, so nothing leaves the
+registers, only the update and the new hidden states written back, spread over a small
+persistent pool of worker threads of its own (one per core; ``OPTIM4RL_NATIVE_THREADS`` sets the
+number). It is called as an XLA FFI custom call from inside jitted code, so nothing leaves the
 compiled program.
 
 It is compiled once per machine with the system's C++ compiler (``$CXX``, else ``c++``/``g++``/
