@@ -2,8 +2,9 @@
 
 Every comparison runs the same update twice, once through the kernel and once with it turned off
 (plain JAX), on the same inputs: outputs, hidden states, vmapped populations, partial tiles,
-zero and non-finite gradients, and meta-gradients (whose forward pass then runs through the
-kernel). Where a C++ compiler exists the kernel must build: a machine that has one but cannot
+zero and non-finite gradients, the backward pass (the vector-Jacobian product: cotangents of φ,
+of the gradient and of both hidden states) and meta-gradients through several updates (forward
+and backward passes through the kernel). Where a C++ compiler exists the kernel must build: a machine that has one but cannot
 build it would silently run 2x slower.
 """
 
@@ -135,10 +136,44 @@ def test_unsupported_architectures_run_as_jax():
     assert np.isfinite(np.asarray(tx.update(g, tx.init(g))[0])).all()
 
 
-@pytest.mark.parametrize("label", ["default", "rlc2024"])
+@pytest.mark.parametrize("label", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("batch", [(), (3,), (2, 2)], ids=["single", "population", "nested"])
+def test_the_backward_kernel_equals_the_jax_vjp(label, batch):
+    # The kernel's VJP against jax.vjp of the JAX network, per batch member (as coordinatewise
+    # needs it), on 1,000 coordinates (a partial last tile) with random cotangents.
+    opt = ARCHITECTURES[label]
+    kernel = native.kernel_for(opt)
+    phi = perturbed_phi(opt, scale=0.3)
+    n, hidden = 1000, opt.hidden_size
+    keys = jax.random.split(jax.random.key(5), 6)
+    g = gradient_stream(batch + (n,), steps=1)[0]
+    hm = jax.random.normal(keys[0], batch + (hidden, n))
+    hv = jax.random.normal(keys[1], batch + (hidden, n))
+    cot = (jax.random.normal(keys[2], batch + (n,)), jax.random.normal(keys[3], batch + (hidden, n)),
+           jax.random.normal(keys[4], batch + (hidden, n)))
+    dphi, dcolumns = jax.jit(lambda p, c, t: kernel.backward(p, c, t, len(batch)))(phi, (g, hm, hv), cot)
+
+    def one(p, g, hm, hv, cot):
+        _, vjp = jax.vjp(lambda p, c: tuple(opt._network(p, c)), p, (g, hm, hv))
+        return vjp(cot)
+
+    expected = one
+    for _ in batch:
+        expected = jax.vmap(expected)
+    expected = jax.jit(expected)(jax.tree.map(lambda x: jnp.broadcast_to(x, batch + x.shape), phi),
+                                 g, hm, hv, cot)
+    got_leaves, want_leaves = jax.tree.leaves((dphi, dcolumns)), jax.tree.leaves(expected)
+    assert len(got_leaves) == len(want_leaves)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((dphi, dcolumns)), want_leaves):
+        assert a.shape == b.shape, path
+        scale = float(np.max(np.abs(b))) or 1.0
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))
+
+
+@pytest.mark.parametrize("label", sorted(ARCHITECTURES))
 def test_meta_gradients_through_the_kernel_equal_the_jax_ones(label):
-    # Meta-training differentiates a loss through the updates: the forward pass runs through the
-    # kernel, the backward pass through the JAX network; the result must not change.
+    # Meta-training differentiates a loss through the updates: forward and backward passes run
+    # through the kernel; the result must equal the JAX network's.
     opt = ARCHITECTURES[label]
     phi = perturbed_phi(opt, scale=0.1)
     grads = gradient_stream((2, 777), steps=3)

@@ -105,7 +105,8 @@ def coordinatewise(network: Network, phi: Any, columns: tuple, kernel: Network |
 
     ``kernel``, where given, is a fused implementation of the same network (same signature,
     columns with any leading batch axes, φ shared): the forward pass then runs through it, in one
-    piece, and only the backward pass through ``network`` (see :mod:`optim4rl.optimizers.native`).
+    piece, and so does the backward pass where it has a ``backward(phi, columns, cotangents,
+    batch_dims) -> (dphi, dcolumns)`` attribute (see :mod:`optim4rl.optimizers.native`).
 
     On GPU, or with ``CPU_BLOCK_SIZE <= 0``, this is just ``network(phi, columns)``. The blocked
     version supports jit, vmap and reverse-mode differentiation (what meta-training uses), not
@@ -166,12 +167,15 @@ def _forward_blocks(network, kernel, block_size, batch_dims, phi, columns):
     return jax.lax.fori_loop(0, num_blocks, body, outputs)
 
 
-def _backward_blocks(network, block_size, batch_dims, phi, columns, cotangents):
+def _backward_blocks(network, kernel, block_size, batch_dims, phi, columns, cotangents):
     """``(dphi, dcolumns)``: per block, recompute the activations, then take their VJP.
 
     With batch axes, ``dphi`` has them too: every member of the batch gets the cotangent of its
     own use of ``φ`` (what a vmapped VJP must return; vmap sums it where φ is shared).
     """
+    backward = getattr(kernel, "backward", None)
+    if backward is not None:
+        return backward(phi, columns, tuple(cotangents), batch_dims)  # fused, as the forward pass
     n = columns[0].shape[-1]
     batch_shape = columns[0].shape[:batch_dims]
     width, num_blocks = _block_layout(n, math.prod(batch_shape), block_size)
@@ -235,9 +239,9 @@ def _forward(network, block_size: int, batch_dims: int, kernel=None):
     return batched_forward
 
 
-def _backward(network, block_size: int, batch_dims: int):
+def _backward(network, block_size: int, batch_dims: int, kernel=None):
     """`_backward_blocks` for columns with `batch_dims` batch axes; vmap adds one more."""
-    backward = functools.partial(_backward_blocks, network, block_size, batch_dims)
+    backward = functools.partial(_backward_blocks, network, kernel, block_size, batch_dims)
     batched_backward = custom_vmap(backward)
 
     @batched_backward.def_vmap
@@ -247,7 +251,7 @@ def _backward(network, block_size: int, batch_dims: int):
             return _vmap_with(backward, in_batched, phi, columns, cotangents)
         columns = _with_batch_axis(axis_size, columns, columns_batched)
         cotangents = _with_batch_axis(axis_size, cotangents, cotangents_batched)
-        grads = _backward(network, block_size, batch_dims + 1)(phi, columns, cotangents)
+        grads = _backward(network, block_size, batch_dims + 1, kernel)(phi, columns, cotangents)
         return grads, jax.tree.map(lambda _: True, grads)
 
     return batched_backward
@@ -264,7 +268,7 @@ def _blocked(network, block_size: int, kernel=None):
 
     def blocked_bwd(residuals, cotangents):
         phi, columns = residuals
-        return _backward(network, block_size, 0)(phi, columns, tuple(cotangents))
+        return _backward(network, block_size, 0, kernel)(phi, columns, tuple(cotangents))
 
     blocked.defvjp(blocked_fwd, blocked_bwd)
     return blocked

@@ -13,8 +13,10 @@ It is compiled once per machine with the system's C++ compiler (``$CXX``, else `
 in ``$OPTIM4RL_CACHE_DIR`` (default ``~/.cache/optim4rl``) under a key made of the source, the
 compiler, the jax version and the CPU's feature flags. Without a compiler, or with
 ``OPTIM4RL_NATIVE=0``, the network runs as plain JAX; the numbers agree to float32 rounding
-(``tests/test_native.py``). It covers the forward pass only (a training step, the drop-in's case,
-and the forward half of meta-training); meta-gradients come from the JAX network, as before.
+(``tests/test_native.py``). It covers the forward pass (a training step, the drop-in's case)
+and, as a second custom call, the backward pass (the vector-Jacobian product that meta-training
+takes through every inner update: cotangents of φ per batch member, of the gradient and of both
+hidden states).
 Supported: hidden size 8 with heads (16, 16) (the default) or linear heads (``rlc2024``), both
 input processings, no learned sign flip; anything else runs as JAX.
 """
@@ -41,6 +43,7 @@ import numpy as np
 
 SOURCE = Path(__file__).with_name("optim4rl_cpu.cc")
 TARGET = "optim4rl_optim4rl_forward"
+BACKWARD_TARGET = "optim4rl_optim4rl_backward"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
 NATIVE_FLAGS = ("-march=native",)
 
@@ -120,6 +123,8 @@ def library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(_build(compiler)))
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Optim4RLForward),
                                             platform="cpu")
+                jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(lib.Optim4RLBackward),
+                                            platform="cpu")
                 lib.optim4rl_native_supports.restype = ctypes.c_int
                 lib.optim4rl_native_supports.argtypes = [ctypes.c_int64] * 3
                 _state["library"] = lib
@@ -158,8 +163,13 @@ def kernel_for(opt):
     lib = library()
     if lib is None or not lib.optim4rl_native_supports(opt.hidden_size, *heads):
         return None
-    return functools.partial(_forward, opt.hidden_size, heads, opt.inputs == "raw",
-                             float(opt.log_eps), float(opt.eps), float(opt.log_scale))
+    args = (opt.hidden_size, heads, opt.inputs == "raw", float(opt.log_eps), float(opt.eps),
+            float(opt.log_scale))
+    kernel = functools.partial(_forward, *args)
+    # The backward pass (coordinatewise's custom VJP uses it where present): the VJP of the same
+    # network, with φ's cotangent per member of the batch axes.
+    kernel.backward = functools.partial(_backward, *args)
+    return kernel
 
 
 def pack_phi(phi: dict, raw_heads: tuple[int, int]) -> jax.Array:
@@ -172,6 +182,80 @@ def pack_phi(phi: dict, raw_heads: tuple[int, int]) -> jax.Array:
 
     leaves = gru(phi["gru_m"]) + head(phi["head_m"]) + gru(phi["gru_v"]) + head(phi["head_v"])
     return jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves])
+
+
+def unpack_phi(flat: jax.Array, like: dict) -> dict:
+    """The inverse of :func:`pack_phi` on the last axis of ``flat`` (its leading axes kept)."""
+    lead, offset = flat.shape[:-1], [0]
+
+    def take(leaf):
+        piece = flat[..., offset[0]:offset[0] + leaf.size].reshape(lead + leaf.shape)
+        offset[0] += leaf.size
+        return piece.astype(leaf.dtype)
+
+    def gru(p):
+        return {k: take(p[k]) for k in ("wi", "wh", "b", "bhn")}
+
+    def head(p):
+        out = {}
+        for i in range(len(p)):
+            w = take(p[f"dense{i}"]["w"])
+            out[f"dense{i}"] = {"w": w, "b": take(p[f"dense{i}"]["b"])}
+        return out
+
+    # The order of pack_phi: gru_m, head_m, gru_v, head_v.
+    result = {"gru_m": gru(like["gru_m"]), "head_m": head(like["head_m"])}
+    result["gru_v"] = gru(like["gru_v"])
+    result["head_v"] = head(like["head_v"])
+    return result
+
+
+def _attributes(hidden, heads, raw, log_eps, eps, log_scale) -> dict:
+    return dict(hidden=np.int64(hidden), head1=np.int64(heads[0]), head2=np.int64(heads[1]),
+                raw=bool(raw), log_eps=np.float32(log_eps), eps=np.float32(eps),
+                log_scale=np.float32(log_scale))
+
+
+def _backward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns, cotangents, batch_dims):
+    """``(dphi, dcolumns)`` of the network at ``columns`` (``batch_dims`` leading batch axes):
+    ``dphi`` has the batch axes too (each member's own use of φ), as ``coordinatewise`` needs."""
+    grads, hidden_m, hidden_v = columns
+    lead = jnp.broadcast_shapes(grads.shape[:-1], hidden_m.shape[:-2], hidden_v.shape[:-2])
+    n = grads.shape[-1]
+    batch = math.prod(lead)
+
+    def rows(x, features=()):
+        return jnp.broadcast_to(x, lead + features + (n,)).reshape((batch,) + features + (n,)).astype(jnp.float32)
+
+    flat_phi = pack_phi(phi, heads)
+    d_dir, d_hm, d_hv = cotangents
+    out_types = (jax.ShapeDtypeStruct((batch, flat_phi.size), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, n), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32))
+    call = jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential")
+    dphi, dg, dhm, dhv = call(flat_phi, rows(grads), rows(hidden_m, (hidden,)), rows(hidden_v, (hidden,)),
+                              rows(d_dir), rows(d_hm, (hidden,)), rows(d_hv, (hidden,)),
+                              **_attributes(hidden, heads, raw, log_eps, eps, log_scale))
+    # Sum over the axes that are batch axes of the columns but not of the caller (broadcast ones
+    # stay: coordinatewise's batch axes are leading and explicit).
+    batch_shape = lead[:batch_dims]
+    dphi = dphi.reshape(lead + (flat_phi.size,))
+    dphi = dphi.sum(axis=tuple(range(batch_dims, len(lead)))) if len(lead) > batch_dims else dphi
+    dphi = unpack_phi(dphi.reshape(batch_shape + (flat_phi.size,)), phi)
+
+    dcolumns = (_unbroadcast(dg.reshape(lead + (n,)), grads),
+                _unbroadcast(dhm.reshape(lead + (hidden, n)), hidden_m),
+                _unbroadcast(dhv.reshape(lead + (hidden, n)), hidden_v))
+    return dphi, dcolumns
+
+
+def _unbroadcast(d: jax.Array, x: jax.Array) -> jax.Array:
+    """``d`` (shape broadcast from ``x``'s) summed back to ``x``'s shape."""
+    extra = d.ndim - x.ndim
+    d = d.sum(axis=tuple(range(extra))) if extra else d
+    axes = tuple(i for i, (a, b) in enumerate(zip(d.shape, x.shape)) if a != b)
+    return (d.sum(axis=axes, keepdims=True) if axes else d).astype(x.dtype)
 
 
 def _forward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns):

@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #ifdef __linux__
 #include <sched.h>
@@ -471,6 +472,344 @@ ffi::Error Optim4RLImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g,
   return ffi::Error::InvalidArgument("unsupported Optim4RL sizes");
 }
 
+
+// ---- The backward pass (vector-Jacobian product), for meta-gradients ----------------------
+//
+// Per tile: the forward pass again, keeping the gates and the heads' activations, then reverse
+// mode through the update rule, both heads and both GRU cells. Cotangents of g and of the two
+// hidden states are written per coordinate; the cotangent of phi is summed over the coordinates
+// of each batch row: lane-wise within a chunk of tiles (one row each), then each chunk's sum is
+// written to its own slot and the slots of a row are added in order, so the result does not
+// depend on which thread ran which chunk.
+
+struct BackwardProblem {
+  const float* phi;
+  const float* g;
+  const float* hm;
+  const float* hv;
+  const float* dd;    // cotangent of the direction [B, N]
+  const float* dhm;   // cotangents of the new hidden states [B, H, N]
+  const float* dhv;
+  float* dg;          // outputs: cotangents of the inputs
+  float* dhm_in;
+  float* dhv_in;
+  int64_t batch, n;
+  bool raw;
+  float log_eps, eps, log_scale;
+};
+
+struct GruGrads { vf *wi, *wh, *b, *bhn; };
+struct LayerGrads { vf *w, *b; };
+
+template <int H, int I>
+O4R_INLINE void gru_cached(const GruWeights& p, const vf* x, const vf* h, vf* out, vf* r, vf* z,
+                           vf* c, vf* hn) {
+#pragma GCC unroll 16
+  for (int j = 0; j < H; ++j) {
+    vf xr = p.wi[j] * x[0], xz = p.wi[H + j] * x[0], xn = p.wi[2 * H + j] * x[0];
+    for (int i = 1; i < I; ++i) {
+      xr += p.wi[i * 3 * H + j] * x[i];
+      xz += p.wi[i * 3 * H + H + j] * x[i];
+      xn += p.wi[i * 3 * H + 2 * H + j] * x[i];
+    }
+    vf hr = p.wh[j] * h[0], hz = p.wh[H + j] * h[0], hnj = p.wh[2 * H + j] * h[0];
+#pragma GCC unroll 16
+    for (int k = 1; k < H; ++k) {
+      hr += p.wh[k * 3 * H + j] * h[k];
+      hz += p.wh[k * 3 * H + H + j] * h[k];
+      hnj += p.wh[k * 3 * H + 2 * H + j] * h[k];
+    }
+    r[j] = vsigmoid(xr + p.b[j] + hr);
+    z[j] = vsigmoid(xz + p.b[H + j] + hz);
+    hn[j] = hnj + p.bhn[j];
+    c[j] = vtanh(xn + p.b[2 * H + j] + r[j] * hn[j]);
+    out[j] = (1.0f - z[j]) * c[j] + z[j] * h[j];
+  }
+}
+
+// Reverse mode through one GRU step: dnew (cotangent of the new state) -> dx, dh; weight
+// cotangents added to gp.
+template <int H, int I>
+O4R_INLINE void gru_backward(const GruWeights& p, const GruGrads& gp, const vf* x, const vf* h,
+                             const vf* r, const vf* z, const vf* c, const vf* hn, const vf* dnew,
+                             vf* dx, vf* dh) {
+  for (int i = 0; i < I; ++i) dx[i] = splat(0.0f);
+  for (int k = 0; k < H; ++k) dh[k] = splat(0.0f);
+#pragma GCC unroll 16
+  for (int j = 0; j < H; ++j) {
+    const vf dc = dnew[j] * (1.0f - z[j]);
+    const vf dz = dnew[j] * (h[j] - c[j]);
+    dh[j] += dnew[j] * z[j];
+    const vf dcp = dc * (1.0f - c[j] * c[j]);
+    const vf dhn = dcp * r[j];
+    const vf drp = dcp * hn[j] * r[j] * (1.0f - r[j]);
+    const vf dzp = dz * z[j] * (1.0f - z[j]);
+    gp.b[j] += drp;
+    gp.b[H + j] += dzp;
+    gp.b[2 * H + j] += dcp;
+    gp.bhn[j] += dhn;
+    for (int i = 0; i < I; ++i) {
+      gp.wi[i * 3 * H + j] += x[i] * drp;
+      gp.wi[i * 3 * H + H + j] += x[i] * dzp;
+      gp.wi[i * 3 * H + 2 * H + j] += x[i] * dcp;
+      dx[i] += p.wi[i * 3 * H + j] * drp + p.wi[i * 3 * H + H + j] * dzp +
+               p.wi[i * 3 * H + 2 * H + j] * dcp;
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < H; ++k) {
+      gp.wh[k * 3 * H + j] += h[k] * drp;
+      gp.wh[k * 3 * H + H + j] += h[k] * dzp;
+      gp.wh[k * 3 * H + 2 * H + j] += h[k] * dhn;
+      dh[k] += p.wh[k * 3 * H + j] * drp + p.wh[k * 3 * H + H + j] * dzp +
+               p.wh[k * 3 * H + 2 * H + j] * dhn;
+    }
+  }
+}
+
+// Reverse mode through a dense layer: dout -> dx (added), weight cotangents added to gl. The
+// ReLU of the layer that produced x is applied by the caller.
+template <int In, int Out>
+O4R_INLINE void dense_backward(const Layer& layer, const LayerGrads& gl, const vf* x,
+                               const vf* dout, vf* dx) {
+#pragma GCC unroll 32
+  for (int o = 0; o < Out; ++o) {
+    gl.b[o] += dout[o];
+#pragma GCC unroll 32
+    for (int i = 0; i < In; ++i) {
+      gl.w[i * Out + o] += x[i] * dout[o];
+      dx[i] += layer.w[i * Out + o] * dout[o];
+    }
+  }
+}
+
+// A head's output again, keeping its hidden activations (after ReLU) in a and b.
+template <int H, int D1, int D2>
+O4R_INLINE vf head_cached(const Layer* layers, const vf* h, vf* a, vf* b) {
+  vf out[1];
+  if constexpr (D1 == 0) {
+    dense<H, 1, false>(layers[0], h, out);
+  } else {
+    dense<H, D1, true>(layers[0], h, a);
+    dense<D1, D2, true>(layers[1], a, b);
+    dense<D2, 1, false>(layers[2], b, out);
+  }
+  return out[0];
+}
+
+// dout (cotangent of the head's output) -> dh (added).
+template <int H, int D1, int D2>
+O4R_INLINE void head_backward(const Layer* layers, const LayerGrads* gl, const vf* h, const vf* a,
+                              const vf* b, vf dout, vf* dh) {
+  vf d[1] = {dout};
+  if constexpr (D1 == 0) {
+    dense_backward<H, 1>(layers[0], gl[0], h, d, dh);
+  } else {
+    vf db[D2], da[D1];
+    for (int i = 0; i < D2; ++i) db[i] = splat(0.0f);
+    for (int i = 0; i < D1; ++i) da[i] = splat(0.0f);
+    dense_backward<D2, 1>(layers[2], gl[2], b, d, db);
+    for (int i = 0; i < D2; ++i) db[i] = select(b[i] > 0.0f, db[i], splat(0.0f));  // jax.nn.relu'
+    dense_backward<D1, D2>(layers[1], gl[1], a, db, da);
+    for (int i = 0; i < D1; ++i) da[i] = select(a[i] > 0.0f, da[i], splat(0.0f));
+    dense_backward<H, D1>(layers[0], gl[0], h, da, dh);
+  }
+}
+
+template <int H, int D1, int D2>
+struct Backward {
+  using K = Kernel<H, D1, D2>;
+  static constexpr int kLayers = K::kLayers;
+  const K& k;
+  const float* phi;
+
+  GruGrads gru_grads(const GruWeights& w, vf* acc) const {
+    return {acc + (w.wi - phi), acc + (w.wh - phi), acc + (w.b - phi), acc + (w.bhn - phi)};
+  }
+  void layer_grads(const Layer* layers, vf* acc, LayerGrads* out) const {
+    for (int l = 0; l < kLayers; ++l) out[l] = {acc + (layers[l].w - phi), acc + (layers[l].b - phi)};
+  }
+
+  template <bool Raw>
+  O4R_INLINE void tile(const BackwardProblem& pr, const float* g_row, const float* hm_row,
+                       const float* hv_row, const float* dd_row, const float* dhm_row,
+                       const float* dhv_row, int64_t stride, float* dg_row, float* dhm_in,
+                       float* dhv_in, const GruGrads& gm, const GruGrads& gv,
+                       const LayerGrads* lm, const LayerGrads* lv) const {
+    constexpr int I = Raw ? 1 : 2;
+    constexpr int A = D1 == 0 ? 1 : D1, B = D2 == 0 ? 1 : D2;
+    const vf g = load(g_row);
+    vf hm[H], hv[H], hm_new[H], hv_new[H];
+    vf rm[H], zm[H], cm[H], nm[H], rv[H], zv[H], cv[H], nv[H];
+    vf am[A], bm[B], av[A], bv[B];
+    for (int j = 0; j < H; ++j) {
+      hm[j] = load(hm_row + j * stride);
+      hv[j] = load(hv_row + j * stride);
+    }
+    vf xm[I], xv[1];
+    const vf a = select(g < 0.0f, -g, g);
+    if constexpr (Raw) {
+      xm[0] = g;
+      xv[0] = g * g;
+    } else {
+      const vf log_abs = pr.log_scale * vlog(a + pr.log_eps);
+      xm[0] = vsign(g);
+      xm[1] = log_abs;
+      xv[0] = 2.0f * log_abs;
+    }
+    gru_cached<H, I>(k.gru_m, xm, hm, hm_new, rm, zm, cm, nm);
+    gru_cached<H, 1>(k.gru_v, xv, hv, hv_new, rv, zv, cv, nv);
+    const vf o1 = head_cached<H, D1, D2>(k.head_m, hm_new, am, bm);
+    const vf o2 = head_cached<H, D1, D2>(k.head_v, hv_new, av, bv);
+    const vf e2 = vexp(o2);
+    const vf s = vrsqrt(e2 + pr.eps);
+    const vf d = vsign(g) * vexp(o1) * s;
+    const vf dd = load(dd_row);
+    const vf do1 = dd * d;                        // d/do1 of sign(g) exp(o1) s
+    const vf do2 = -0.5f * dd * d * e2 * s * s;   // d/do2 of rsqrt(exp(o2) + eps)
+    vf dm[H], dv[H];
+    for (int j = 0; j < H; ++j) {
+      dm[j] = load(dhm_row + j * stride);
+      dv[j] = load(dhv_row + j * stride);
+    }
+    head_backward<H, D1, D2>(k.head_m, lm, hm_new, am, bm, do1, dm);
+    head_backward<H, D1, D2>(k.head_v, lv, hv_new, av, bv, do2, dv);
+    vf dxm[I], dxv[1], dhm[H], dhv[H];
+    gru_backward<H, I>(k.gru_m, gm, xm, hm, rm, zm, cm, nm, dm, dxm, dhm);
+    gru_backward<H, 1>(k.gru_v, gv, xv, hv, rv, zv, cv, nv, dv, dxv, dhv);
+    vf dg;
+    if constexpr (Raw) {
+      dg = dxm[0] + dxv[0] * 2.0f * g;
+    } else {
+      // sign(g) has derivative 0; d/dg log(|g| + eps) = ±1 / (|g| + eps), +1 at g = 0 as in
+      // JAX's derivative of abs (x >= 0 ? 1 : -1).
+      const vf abs_slope = select(g >= 0.0f, splat(1.0f), splat(-1.0f));
+      dg = (dxm[1] + 2.0f * dxv[0]) * pr.log_scale * abs_slope / (a + pr.log_eps);
+    }
+    store(dg_row, dg);
+    for (int j = 0; j < H; ++j) {
+      store(dhm_in + j * stride, dhm[j]);
+      store(dhv_in + j * stride, dhv[j]);
+    }
+  }
+
+  // Tiles [first, last) of row b; their phi cotangent summed into acc (lane-wise).
+  template <bool Raw>
+  void run(const BackwardProblem& pr, int64_t b, int64_t first, int64_t last, vf* acc) const {
+    GruGrads gm = gru_grads(k.gru_m, acc), gv = gru_grads(k.gru_v, acc);
+    LayerGrads lm[3], lv[3];
+    layer_grads(k.head_m, acc, lm);
+    layer_grads(k.head_v, acc, lv);
+    const int64_t n = pr.n;
+    const int64_t row = b * n, hrow = b * H * n;
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t start = t * kLanes;
+      if (start + kLanes <= n) {
+        tile<Raw>(pr, pr.g + row + start, pr.hm + hrow + start, pr.hv + hrow + start,
+                  pr.dd + row + start, pr.dhm + hrow + start, pr.dhv + hrow + start, n,
+                  pr.dg + row + start, pr.dhm_in + hrow + start, pr.dhv_in + hrow + start, gm, gv,
+                  lm, lv);
+        continue;
+      }
+      // The last, partial tile: zero-padded copies, with zero cotangents in the padding (so it
+      // adds nothing to phi's cotangent).
+      const int64_t valid = n - start;
+      float gp[kLanes] = {}, ddp[kLanes] = {}, hmp[H * kLanes] = {}, hvp[H * kLanes] = {};
+      float dmp[H * kLanes] = {}, dvp[H * kLanes] = {};
+      float dgo[kLanes], hmo[H * kLanes], hvo[H * kLanes];
+      for (int64_t l = 0; l < valid; ++l) {
+        gp[l] = pr.g[row + start + l];
+        ddp[l] = pr.dd[row + start + l];
+        for (int j = 0; j < H; ++j) {
+          hmp[j * kLanes + l] = pr.hm[hrow + j * n + start + l];
+          hvp[j * kLanes + l] = pr.hv[hrow + j * n + start + l];
+          dmp[j * kLanes + l] = pr.dhm[hrow + j * n + start + l];
+          dvp[j * kLanes + l] = pr.dhv[hrow + j * n + start + l];
+        }
+      }
+      tile<Raw>(pr, gp, hmp, hvp, ddp, dmp, dvp, kLanes, dgo, hmo, hvo, gm, gv, lm, lv);
+      for (int64_t l = 0; l < valid; ++l) {
+        pr.dg[row + start + l] = dgo[l];
+        for (int j = 0; j < H; ++j) {
+          pr.dhm_in[hrow + j * n + start + l] = hmo[j * kLanes + l];
+          pr.dhv_in[hrow + j * n + start + l] = hvo[j * kLanes + l];
+        }
+      }
+    }
+  }
+};
+
+constexpr int64_t kBackwardTilesPerChunk = 128;  // 2,048 coordinates
+
+template <int H, int D1, int D2>
+ffi::Error RunBackward(const BackwardProblem& pr, float* dphi) {
+  using K = Kernel<H, D1, D2>;
+  Problem fp{};
+  fp.phi = pr.phi;
+  fp.raw = pr.raw;
+  const K kernel(fp);
+  const Backward<H, D1, D2> backward{kernel, pr.phi};
+  const int64_t size = K::phi_size(pr.raw);
+  const int64_t tiles_per_row = (pr.n + kLanes - 1) / kLanes;
+  const int64_t chunks_per_row = (tiles_per_row + kBackwardTilesPerChunk - 1) / kBackwardTilesPerChunk;
+  const int64_t chunks = pr.batch * chunks_per_row;
+  std::vector<float> partial(static_cast<size_t>(chunks * size));
+  Workers::get().run(chunks, [&](int64_t c) {
+    const int64_t b = c / chunks_per_row, first = (c % chunks_per_row) * kBackwardTilesPerChunk;
+    const int64_t last = std::min(tiles_per_row, first + kBackwardTilesPerChunk);
+    std::vector<vf> acc(static_cast<size_t>(size), splat(0.0f));
+    if (pr.raw) backward.template run<true>(pr, b, first, last, acc.data());
+    else backward.template run<false>(pr, b, first, last, acc.data());
+    float* out = partial.data() + c * size;
+    for (int64_t w = 0; w < size; ++w) {
+      float total = 0.0f;
+      for (int l = 0; l < kLanes; ++l) total += acc[w][l];
+      out[w] = total;
+    }
+  });
+  for (int64_t b = 0; b < pr.batch; ++b) {
+    float* row = dphi + b * size;
+    std::fill(row, row + size, 0.0f);
+    for (int64_t c = b * chunks_per_row; c < (b + 1) * chunks_per_row; ++c) {
+      const float* part = partial.data() + c * size;
+      for (int64_t w = 0; w < size; ++w) row[w] += part[w];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Optim4RLBackwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g,
+                                ffi::Buffer<ffi::F32> hm, ffi::Buffer<ffi::F32> hv,
+                                ffi::Buffer<ffi::F32> dd, ffi::Buffer<ffi::F32> dhm,
+                                ffi::Buffer<ffi::F32> dhv, ffi::ResultBuffer<ffi::F32> dphi,
+                                ffi::ResultBuffer<ffi::F32> dg, ffi::ResultBuffer<ffi::F32> dhm_in,
+                                ffi::ResultBuffer<ffi::F32> dhv_in, int64_t hidden, int64_t head1,
+                                int64_t head2, bool raw, float log_eps, float eps, float log_scale) {
+  auto dims = g.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("g must be [batch, n]");
+  BackwardProblem pr{phi.typed_data(), g.typed_data(), hm.typed_data(), hv.typed_data(),
+                     dd.typed_data(), dhm.typed_data(), dhv.typed_data(), dg->typed_data(),
+                     dhm_in->typed_data(), dhv_in->typed_data(), dims[0], dims[1], raw, log_eps,
+                     eps, log_scale};
+  const int64_t phi_size = phi.element_count();
+  if (dphi->element_count() != pr.batch * phi_size)
+    return ffi::Error::InvalidArgument("dphi must be [batch, phi size]");
+  if (pr.batch * pr.n == 0) {
+    std::fill(dphi->typed_data(), dphi->typed_data() + dphi->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
+  if (hidden == 8 && head1 == 16 && head2 == 16) {
+    if (phi_size != Kernel<8, 16, 16>::phi_size(raw))
+      return ffi::Error::InvalidArgument("phi has the wrong size");
+    return RunBackward<8, 16, 16>(pr, dphi->typed_data());
+  }
+  if (hidden == 8 && head1 == 0 && head2 == 0) {
+    if (phi_size != Kernel<8, 0, 0>::phi_size(raw))
+      return ffi::Error::InvalidArgument("phi has the wrong size");
+    return RunBackward<8, 0, 0>(pr, dphi->typed_data());
+  }
+  return ffi::Error::InvalidArgument("unsupported Optim4RL sizes");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Optim4RLForward, Optim4RLImpl,
@@ -479,6 +818,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Optim4RLForward, Optim4RLImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("hidden")
+                                  .Attr<int64_t>("head1")
+                                  .Attr<int64_t>("head2")
+                                  .Attr<bool>("raw")
+                                  .Attr<float>("log_eps")
+                                  .Attr<float>("eps")
+                                  .Attr<float>("log_scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Optim4RLBackward, Optim4RLBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
