@@ -271,8 +271,6 @@ def _forward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns):
                  jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32))
     call = jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential")
     direction, hm, hv = call(pack_phi(phi, heads), g, hm.astype(jnp.float32), hv.astype(jnp.float32),
-                             hidden=np.int64(hidden), head1=np.int64(heads[0]), head2=np.int64(heads[1]),
-                             raw=bool(raw), log_eps=np.float32(log_eps), eps=np.float32(eps),
-                             log_scale=np.float32(log_scale))
+                             **_attributes(hidden, heads, raw, log_eps, eps, log_scale))
     return (direction.reshape(lead + (n,)), hm.reshape(lead + (hidden, n)),
             hv.reshape(lead + (hidden, n)))
