@@ -187,6 +187,11 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
         for k in keys:
             if k in BOOKKEEPING_KEYS:
                 continue
+            # A parameter file is its bytes: the same file read from another checkout or
+            # directory (a fresh clone, a moved project) is the same run; its SHA-256 decides.
+            if k == "path" and prefix.endswith("optimizer_source.") and "sha256" in old \
+                    and "sha256" in new:
+                continue
             if k in ADDED_LATER and (k not in old or k not in new) and \
                     old.get(k, ADDED_LATER[k]) == new.get(k, ADDED_LATER[k]):
                 continue

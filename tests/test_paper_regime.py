@@ -123,3 +123,16 @@ def test_committed_paper_regime_records_rebuild_the_report(tmp_path):
     assert any(r["optimizer"] == "adam" for r in rows)
     assert "The paper's regime" in report
     assert not list(out.rglob("checkpoint.msgpack"))
+
+
+def test_a_parameter_file_is_identified_by_its_bytes_not_its_path():
+    """Records made in one checkout are the same runs in a fresh clone elsewhere (the CI's)."""
+    from optim4rl.runs import config_differences
+
+    here = {"optimizer_source": {"path": "/work/main/optim4rl/pretrained/x.o4r", "sha256": "ab"}}
+    clone = {"optimizer_source": {"path": "/check/clone/optim4rl/pretrained/x.o4r", "sha256": "ab"}}
+    replaced = {"optimizer_source": {"path": "/work/main/optim4rl/pretrained/x.o4r", "sha256": "cd"}}
+    assert config_differences(here, clone) == []
+    assert config_differences(here, replaced) == ["optimizer_source.sha256"]
+    # A path elsewhere in a config still counts.
+    assert config_differences({"train": {"path": "a"}}, {"train": {"path": "b"}}) == ["train.path"]
