@@ -27,6 +27,8 @@ Experiments:
                     φ of both Optim4RL configurations, which step α·sign(g)) and the shipped
                     big_dense_long files. cpu: 1e7 steps x 3 seeds; paper: 3e7 steps x 10 seeds,
                     Adam and RMSProp swept over 3e-2 ... 1e-4 as in the paper.
+  g_paper_regime_long  the same regime at the paper's 3e7 steps, 5 seeds (cpu budget only): Adam,
+                    the big_dense_long-64env-actor file and sign_sgd at its learned step.
   h_layout_map, h_layout_authors  Adam vs fixed-step sign descent on big_dense_long (A2C, 64 envs,
                     1e6 steps, 5 seeds) with this project's network (conv over the map) and with
                     the authors' layout (conv over plane x row, columns as channels): does the
@@ -156,6 +158,7 @@ def experiments(budget: str) -> list[Experiment]:
                       "steps, so these files were meta-trained with 64-env agents living that long")]
           if long_lifetime else []),
         paper_regime(budget),
+        *paper_regime_long(budget),
         *layout_experiments(budget),
         *metappo_experiments(budget),
     ]
@@ -237,6 +240,23 @@ def paper_regime(budget: str) -> Experiment:
         runs="g_paper_regime/runs", score_last_updates=20,
         claim="paper (RLC 2024): Optim4RL meta-trained on big_dense_long matches Adam and RMSProp in this regime. "
               "Here: is fixed-step sign descent within Adam's confidence interval when the batch is 512 envs?")
+
+
+def paper_regime_long(budget: str) -> list[Experiment]:
+    """The paper's full evaluation length (3e7 steps) on a CPU budget: 5 seeds of Adam, of the
+    learned file that tied with it at 1e7 steps, and of sign descent at its learned step. (The paper
+    budget's g_paper_regime already runs 3e7 steps with 10 seeds.)"""
+    if budget != "cpu":
+        return []
+    tied = "big_dense_long-64env-actor"
+    learned = (f"optim4rl:{tied}@3e-3",) if tied in list_pretrained() else ()
+    return [Experiment(
+        "g_paper_regime_long", "The paper's regime at the paper's length: big_dense_long, 512 envs, 3e7 steps, "
+        "5 seeds, score = mean return of the last 20 updates (A2C)", "a2c", ("big_dense_long",),
+        ("adam@3e-3", *learned, "sign_sgd@2.7e-3"), 30_000_000, 5, {"num_envs": 512},
+        runs="g_paper_regime_long/runs", score_last_updates=20,
+        claim="paper (RLC 2024): agents trained for 3e7 steps. Does the 1e7-step tie of the file meta-trained "
+              "with long-lived 64-env agents hold at three times the length, and does sign descent catch up?")]
 
 
 def run(budget: str, out: Path | str, callback: Callable[[dict], None] | None = None,

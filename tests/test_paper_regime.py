@@ -49,6 +49,10 @@ def test_paper_regime_experiment_is_the_papers_evaluation():
     assert paper.steps is None and paper.seeds == 10  # the paper scale's 3e7 steps
     assert "adam@3e-2,1e-2,3e-3,1e-3,3e-4,1e-4" in paper.optimizers
     assert "g_paper_regime" in {e.name for e in reproduce.experiments("cpu")}
+    (long,) = reproduce.paper_regime_long("cpu")
+    assert (long.steps, long.seeds, long.overrides, long.score_last_updates) == (30_000_000, 5, {"num_envs": 512}, 20)
+    assert long.optimizers[0] == "adam@3e-3" and long.runs != cpu.runs
+    assert reproduce.paper_regime_long("paper") == []  # there g_paper_regime itself runs 3e7 steps
 
 
 def test_merge_report_replaces_only_the_selected_experiments_sections():
