@@ -233,7 +233,10 @@ def _backward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns, cotange
                  jax.ShapeDtypeStruct((batch, n), jnp.float32),
                  jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32),
                  jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32))
-    call = jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential")
+    # The input cotangents overwrite the output cotangents in place (each tile reads its own
+    # before it writes): inside a scan XLA then needs neither new buffers nor copies for them.
+    call = jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential",
+                            input_output_aliases={4: 1, 5: 2, 6: 3})
     dphi, dg, dhm, dhv = call(flat_phi, rows(grads), rows(hidden_m, (hidden,)), rows(hidden_v, (hidden,)),
                               rows(d_dir), rows(d_hm, (hidden,)), rows(d_hv, (hidden,)),
                               **_attributes(hidden, heads, raw, log_eps, eps, log_scale))
@@ -269,7 +272,11 @@ def _forward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns):
     out_types = (jax.ShapeDtypeStruct((batch, n), jnp.float32),
                  jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32),
                  jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32))
-    call = jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential")
+    # The new hidden states overwrite the old ones in place (each tile reads its coordinates'
+    # state before it writes it): in a training loop's carry, XLA then neither allocates fresh
+    # output buffers every step nor copies them back into the carry.
+    call = jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential",
+                            input_output_aliases={2: 1, 3: 2})
     direction, hm, hv = call(pack_phi(phi, heads), g, hm.astype(jnp.float32), hv.astype(jnp.float32),
                              **_attributes(hidden, heads, raw, log_eps, eps, log_scale))
     return (direction.reshape(lead + (n,)), hm.reshape(lead + (hidden, n)),
