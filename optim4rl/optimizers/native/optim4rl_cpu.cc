@@ -26,6 +26,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #ifdef __linux__
@@ -447,6 +448,25 @@ ffi::Error Run(const Problem& pr) {
   return ffi::Error::Success();
 }
 
+template <int H_, int D1_, int D2_>
+struct Sizes { static constexpr int H = H_, D1 = D1_, D2 = D2_; };
+
+// Calls f(Sizes<H, D1, D2>{}) for the sizes this build supports (optim4rl_native_supports),
+// after checking that phi has that architecture's size.
+template <typename F>
+ffi::Error WithSizes(int64_t hidden, int64_t head1, int64_t head2, int64_t phi_size, bool raw,
+                     F f) {
+  auto checked = [&](auto sizes) {
+    using S = decltype(sizes);
+    if (phi_size != Kernel<S::H, S::D1, S::D2>::phi_size(raw))
+      return ffi::Error::InvalidArgument("phi has the wrong size");
+    return f(sizes);
+  };
+  if (hidden == 8 && head1 == 16 && head2 == 16) return checked(Sizes<8, 16, 16>{});
+  if (hidden == 8 && head1 == 0 && head2 == 0) return checked(Sizes<8, 0, 0>{});
+  return ffi::Error::InvalidArgument("unsupported Optim4RL sizes");
+}
+
 ffi::Error Optim4RLImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g,
                         ffi::Buffer<ffi::F32> hm, ffi::Buffer<ffi::F32> hv,
                         ffi::ResultBuffer<ffi::F32> direction, ffi::ResultBuffer<ffi::F32> hm_out,
@@ -458,18 +478,10 @@ ffi::Error Optim4RLImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g,
              direction->typed_data(), hm_out->typed_data(), hv_out->typed_data(),
              dims[0], dims[1], raw, log_eps, eps, log_scale};
   if (pr.batch * pr.n == 0) return ffi::Error::Success();
-  const int64_t phi_size = phi.element_count();
-  if (hidden == 8 && head1 == 16 && head2 == 16) {
-    if (phi_size != Kernel<8, 16, 16>::phi_size(raw))
-      return ffi::Error::InvalidArgument("phi has the wrong size");
-    return Run<8, 16, 16>(pr);
-  }
-  if (hidden == 8 && head1 == 0 && head2 == 0) {
-    if (phi_size != Kernel<8, 0, 0>::phi_size(raw))
-      return ffi::Error::InvalidArgument("phi has the wrong size");
-    return Run<8, 0, 0>(pr);
-  }
-  return ffi::Error::InvalidArgument("unsupported Optim4RL sizes");
+  return WithSizes(hidden, head1, head2, phi.element_count(), raw, [&](auto sizes) {
+    using S = decltype(sizes);
+    return Run<S::H, S::D1, S::D2>(pr);
+  });
 }
 
 
@@ -797,40 +809,38 @@ ffi::Error Optim4RLBackwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32>
     std::fill(dphi->typed_data(), dphi->typed_data() + dphi->element_count(), 0.0f);
     return ffi::Error::Success();
   }
-  if (hidden == 8 && head1 == 16 && head2 == 16) {
-    if (phi_size != Kernel<8, 16, 16>::phi_size(raw))
-      return ffi::Error::InvalidArgument("phi has the wrong size");
-    return RunBackward<8, 16, 16>(pr, dphi->typed_data());
-  }
-  if (hidden == 8 && head1 == 0 && head2 == 0) {
-    if (phi_size != Kernel<8, 0, 0>::phi_size(raw))
-      return ffi::Error::InvalidArgument("phi has the wrong size");
-    return RunBackward<8, 0, 0>(pr, dphi->typed_data());
-  }
-  return ffi::Error::InvalidArgument("unsupported Optim4RL sizes");
+  return WithSizes(hidden, head1, head2, phi_size, raw, [&](auto sizes) {
+    using S = decltype(sizes);
+    return RunBackward<S::H, S::D1, S::D2>(pr, dphi->typed_data());
+  });
 }
 
 }  // namespace
 
+// Both calls take the architecture as the same attributes (native/__init__.py: _attributes).
+template <typename Binding>
+auto WithAttributes(Binding binding) {
+  return std::move(binding).template Attr<int64_t>("hidden")
+      .template Attr<int64_t>("head1")
+      .template Attr<int64_t>("head2")
+      .template Attr<bool>("raw")
+      .template Attr<float>("log_eps")
+      .template Attr<float>("eps")
+      .template Attr<float>("log_scale");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Optim4RLForward, Optim4RLImpl,
-                              ffi::Ffi::Bind()
+                              WithAttributes(ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("hidden")
-                                  .Attr<int64_t>("head1")
-                                  .Attr<int64_t>("head2")
-                                  .Attr<bool>("raw")
-                                  .Attr<float>("log_eps")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("log_scale"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Optim4RLBackward, Optim4RLBackwardImpl,
-                              ffi::Ffi::Bind()
+                              WithAttributes(ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -841,14 +851,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Optim4RLBackward, Optim4RLBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("hidden")
-                                  .Attr<int64_t>("head1")
-                                  .Attr<int64_t>("head2")
-                                  .Attr<bool>("raw")
-                                  .Attr<float>("log_eps")
-                                  .Attr<float>("eps")
-                                  .Attr<float>("log_scale"));
+                                  .Ret<ffi::Buffer<ffi::F32>>()));
 
 // The sizes this build supports, for the Python side to check before it calls.
 extern "C" int optim4rl_native_supports(int64_t hidden, int64_t head1, int64_t head2) {
