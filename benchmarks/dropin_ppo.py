@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from _common import git_commit, machine_info, watchdog, write_report  # noqa: E402
 
+from optim4rl.agents.networks import orthogonal  # noqa: E402
 from optim4rl.optimizers import native  # noqa: E402
 
 import optim4rl  # noqa: E402
@@ -58,7 +59,7 @@ class ActorCritic(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        init = nn.initializers.orthogonal
+        init = orthogonal  # flax's orthogonal init, safe under vmap on a CPU (known_problems.md)
         actor = nn.tanh(nn.Dense(64, kernel_init=init(np.sqrt(2)))(x))
         actor = nn.tanh(nn.Dense(64, kernel_init=init(np.sqrt(2)))(actor))
         logits = nn.Dense(self.num_actions, kernel_init=init(0.01))(actor)

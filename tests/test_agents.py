@@ -118,6 +118,20 @@ def test_patch_conv_equals_flax_conv(kernel):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), grad_own, grad_ref)
 
 
+def test_orthogonal_init_equals_flax_and_runs_no_batched_qr_under_vmap():
+    # jaxlib's batched CPU QR blocks XLA pool threads on each other (a deadlock with two at once);
+    # networks.orthogonal must give flax's values with one-matrix QRs only.
+    import flax.linen as nn
+
+    keys = jax.random.split(jax.random.key(3), 4)
+    for shape in [(64, 64), (4, 64), (64, 2)]:
+        ours = jax.jit(jax.vmap(lambda k: networks.orthogonal(1.4)(k, shape)))
+        flax_init = jax.jit(jax.vmap(lambda k: nn.initializers.orthogonal(1.4)(k, shape)))
+        np.testing.assert_array_equal(np.asarray(ours(keys)), np.asarray(flax_init(keys)))
+        qr_calls = [line for line in ours.lower(keys).as_text().splitlines() if "geqrf" in line]
+        assert qr_calls and all('num_batch_dims = "0"' in line for line in qr_calls), qr_calls
+
+
 def test_td_lambda_returns_match_numpy():
     rng = np.random.default_rng(0)
     rewards = rng.normal(size=(6, 3)).astype(np.float32)

@@ -10,6 +10,9 @@ Each network also has ``policy`` and ``value`` methods, so a rollout can compute
   then Dense 32 ReLU; other discrete tasks (gymnax, MinAtar): Dense 64, 64 ReLU.
 - :class:`SeparateActorCritic` — independent policy and value MLPs, Brax's PPO defaults for
   continuous control: policy 4×32, value 5×256, swish, lecun-uniform init.
+
+:func:`orthogonal` is flax's orthogonal initializer, bit for bit, made safe to ``vmap`` on a CPU
+(PureJaxRL's networks use orthogonal init; see docs/known_problems.md).
 """
 
 from __future__ import annotations
@@ -25,6 +28,25 @@ from optim4rl.agents.distributions import make_distribution
 Array = jax.Array
 
 ACTIVATIONS = {"relu": nn.relu, "swish": nn.swish, "tanh": nn.tanh, "elu": nn.elu, "gelu": nn.gelu}
+
+
+def orthogonal(scale: float = 1.0, column_axis: int = -1):
+    """``flax.linen.initializers.orthogonal(scale)`` with its QR factorisations done one matrix at a
+    time under ``vmap``: the same values, bit for bit, and no deadlock on a CPU.
+
+    jaxlib (0.10.2) spreads a batched QR over XLA's CPU thread pool and then blocks the calling
+    pool thread until the pieces are done. Two such QRs running at once, e.g. the actor's and the
+    critic's 64×64 layers of a network initialised inside a ``vmap`` over seeds, can occupy every
+    pool thread of a 2-core machine, and then nothing runs the pieces: the program waits forever
+    at 0 % CPU. A QR of one matrix runs inline, so ``sequential_vmap`` (one matrix per call)
+    avoids it. Use this as ``kernel_init`` wherever flax's ``orthogonal`` would be vmapped.
+    """
+    base = nn.initializers.orthogonal(scale, column_axis=column_axis)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.custom_batching.sequential_vmap(lambda k: base(k, shape, dtype))(key)
+
+    return init
 
 
 def _activation(name: str):
