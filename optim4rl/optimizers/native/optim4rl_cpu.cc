@@ -141,13 +141,46 @@ O4R_INLINE vf vlog(vf x) {
   return select(finite, result, x);
 }
 
-O4R_INLINE vf vsigmoid(vf x) { return vrcp(1.0f + vexp(-x)); }
+// exp for the gates (sigmoid and tanh), ~4 FMA-pipe operations cheaper than vexp: 2^t with
+// t = x·log2(e) rounded to float32, split into n + f (|f| <= 1/2), and 2^f as one degree-5
+// polynomial (fitted for relative error, 7.5e-8 in exact arithmetic). The rounding of t costs
+// |x|·6e-8 relative error: 7e-7 at |x| = 10 (vexp: ~1 ulp everywhere). A gate's exp feeds
+// 1 / (1 + e) or (1 − e) / (1 + e), whose absolute error stays below ~1e-7 for any x, so the
+// gates and hidden states agree with the JAX network to float32 rounding; the update's own
+// exp(o1), exp(o2) keep vexp.
+O4R_INLINE vf vexp_gate(vf x) {
+  x = vmin(x, splat(88.3762626647949f));
+  x = vmax(x, splat(-87.3365447504f));
+  vf t = x * 1.44269504088896341f;
+#ifdef __AVX512F__
+  vf nf = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(t),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  vi n = __builtin_convertvector(t + select(t >= 0.0f, splat(0.5f), splat(-0.5f)), vi);
+  vf nf = __builtin_convertvector(n, vf);
+#endif
+  vf f = t - nf;
+  vf p = splat(1.3278163969516754e-3f);
+  p = p * f + 9.675555862486362e-3f;
+  p = p * f + 5.5507078766822815e-2f;
+  p = p * f + 2.4022118747234344e-1f;
+  p = p * f + 6.931469440460205e-1f;
+  p = p * f + 1.0000001192092896f;
+#ifdef __AVX512F__
+  return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p),
+                                               reinterpret_cast<__m512>(nf)));
+#else
+  return p * as_float((n + 127) << 23);
+#endif
+}
+
+O4R_INLINE vf vsigmoid(vf x) { return vrcp(1.0f + vexp_gate(-x)); }
 
 // tanh(x) = sign(x) · (1 − e) / (1 + e), e = exp(−2|x|): relative error ~1e-7 where |tanh| is
 // of order one, absolute error ~6e-8 near zero (from the rounding of e).
 O4R_INLINE vf vtanh(vf x) {
   const vi sign_bit = as_int(x) & static_cast<int32_t>(0x80000000u);
-  vf e = vexp(-2.0f * as_float(as_int(x) & 0x7fffffff));
+  vf e = vexp_gate(-2.0f * as_float(as_int(x) & 0x7fffffff));
   vf t = (1.0f - e) * vrcp(1.0f + e);
   return as_float(as_int(t) | sign_bit);
 }
