@@ -102,7 +102,8 @@ def test_authors_conv_layout_has_their_parameter_count_and_old_records_still_mat
     assert config_differences(old, {"agent": {"num_envs": 4, "conv_layout": "authors"}}) == ["agent.conv_layout"]
 
 
-def test_committed_paper_regime_records_rebuild_the_report(tmp_path):
+@pytest.mark.parametrize("experiment", ["g_paper_regime", "g_paper_regime_long"])
+def test_committed_paper_regime_records_rebuild_the_report(tmp_path, experiment):
     """experiments/paper_regime holds the small records of the long runs; --report-only reads them
     (on any machine, with nothing trained) and every record matches the experiment's config."""
     import csv
@@ -110,18 +111,18 @@ def test_committed_paper_regime_records_rebuild_the_report(tmp_path):
     import shutil
 
     records = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "paper_regime"
-    runs = sorted(p.parent for p in (records / "g_paper_regime" / "runs").rglob("summary.json"))
+    runs = sorted(p.parent for p in (records / experiment / "runs").rglob("summary.json"))
     if not runs:
-        pytest.skip("no paper-regime records committed")
+        pytest.skip(f"no {experiment} records committed")
     for run in runs:
         assert {p.name for p in run.iterdir()} == {"config.json", "summary.json", "metrics.csv"}, run
     out = tmp_path / "paper_regime"
     shutil.copytree(records, out)
-    report = reproduce.run("cpu", out, only=("g_paper_regime",), report_only=True).read_text()
-    summary = json.loads((out / "g_paper_regime" / "summary.json").read_text())
+    report = reproduce.run("cpu", out, only=(experiment,), report_only=True).read_text()
+    summary = json.loads((out / experiment / "summary.json").read_text())
     rows = summary["tasks"]["big_dense_long"]["rows"]
     # Every committed record is read (none is left out as "not finished" for a config mismatch).
-    with open(out / "g_paper_regime" / "results.csv") as f:
+    with open(out / experiment / "results.csv") as f:
         read = {(r["optimizer"], r["learning_rate"]) for r in csv.DictReader(f)}
     assert len(read) == len(runs)
     assert any(r["optimizer"] == "adam" for r in rows)
