@@ -194,3 +194,89 @@ def test_meta_gradients_through_the_kernel_equal_the_jax_ones(label):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fused), jax.tree.leaves(plain)):
         scale = float(np.max(np.abs(b))) or 1.0
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))
+
+
+SHARDED = r"""
+import re
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from optim4rl.optimizers import native
+from optim4rl.optimizers.gru_optimizers import Optim4RL
+assert jax.device_count() == 4 and native.library() is not None
+opt = Optim4RL()
+phi = opt.init_meta(jax.random.key(0))
+tx = opt.transform(phi, 1e-3)
+n = 1000
+grads = 1e-3 * jax.random.normal(jax.random.key(1), (8, n))
+params = jnp.zeros((8, n))
+state = jax.vmap(lambda p: tx.init({"w": p}))(params)
+
+def update(g, s, p):  # a population of 8 agents, vmapped
+    return jax.vmap(lambda g, s, p: tx.update({"w": g}, s, {"w": p}))(g, s, p)
+
+def meta_loss(phi, g, s, p):  # the meta-gradient's path: backward kernel through an update
+    t = opt.transform(phi, 1e-3)
+    u, _ = jax.vmap(lambda g, s, p: t.update({"w": g}, s, {"w": p}))(g, s, p)
+    return jnp.sum(u["w"] ** 2)
+
+rows = NamedSharding(Mesh(jax.devices(), ("pop",)), P("pop"))
+placed = [jax.device_put(x, rows) for x in (grads, state, params)]
+for f in (jax.jit(update), jax.jit(jax.grad(meta_loss))):
+    args = placed if f.__wrapped__ is update else [phi] + placed
+    hlo = f.lower(*args).compile().as_text()
+    calls = [l for l in hlo.splitlines() if "custom_call_target=\"optim4rl_optim4rl" in l]
+    assert calls, "kernel not in the program"
+    # Each device runs the kernel on its own 2 of the 8 agents; nothing is gathered for it.
+    assert all("f32[2,1000]" in l for l in calls), calls
+    assert not re.search(r"all-gather", hlo)
+a, _ = jax.jit(update)(*placed)
+b, _ = jax.jit(update)(grads, state, params)
+assert a["w"].sharding.spec == P("pop"), a["w"].sharding
+np.testing.assert_allclose(np.asarray(a["w"]), np.asarray(b["w"]), rtol=1e-6, atol=1e-12)
+ga = jax.jit(jax.grad(meta_loss))(phi, *placed)
+gb = jax.jit(jax.grad(meta_loss))(phi, grads, state, params)
+for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
+                               atol=1e-5 * float(np.abs(np.asarray(y)).max()))
+print("OK")
+"""
+
+
+def test_a_sharded_population_runs_the_kernel_on_each_devices_own_agents():
+    """Under jax.sharding the kernel (forward and backward) runs per device on that device's shard
+    of the population, with the same numbers as on one device, instead of XLA gathering every
+    input and running the whole call on every device."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OK" in proc.stdout
+
+
+def test_one_phi_per_member_of_a_vmap_runs_through_the_kernel():
+    """A vmap over φ itself (several optimizers at once) calls the kernel once per member; updates
+    and meta-gradients equal the JAX network's."""
+    opt = ARCHITECTURES["default"]
+    phis = jax.vmap(opt.init_meta)(jax.random.split(jax.random.key(0), 3))
+    grads = 1e-3 * jax.random.normal(jax.random.key(1), (3, 500))
+
+    def update(phi, g):
+        tx = opt.transform(phi, 1e-3)
+        params = {"w": jnp.zeros(500)}
+        return tx.update({"w": g}, tx.init(params), params)[0]["w"]
+
+    def both(fn):
+        out = jax.jit(fn)()
+        with native.disabled():
+            return out, jax.jit(fn)()
+
+    a, b = both(lambda: jax.vmap(update)(phis, grads))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOLERANCE["update"])
+    ga, gb = both(lambda: jax.grad(lambda ph: jax.vmap(update)(ph, grads).sum())(phis))
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
+                                   atol=1e-5 * float(np.abs(np.asarray(y)).max()))

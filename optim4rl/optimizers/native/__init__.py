@@ -40,6 +40,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import sequential_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
 
 SOURCE = Path(__file__).with_name("optim4rl_cpu.cc")
 TARGET = "optim4rl_optim4rl_forward"
@@ -216,6 +218,29 @@ def _attributes(hidden, heads, raw, log_eps, eps, log_scale) -> dict:
                 log_scale=np.float32(log_scale))
 
 
+def _sharded(call, rule: str, **rule_factors):
+    """``call`` (an ``ffi_call`` on ``[batch, ...]`` rows) under ``jax.sharding``: each device runs
+    it on its own shard of the batch and coordinate axes (``rule`` says which axes are which), instead
+    of XLA gathering every input and running the whole call on every device. On one device it
+    lowers to the plain call."""
+    def partition(mesh, arg_shapes, result_shape):
+        return (mesh, call, jax.tree.map(lambda x: x.sharding, result_shape),
+                jax.tree.map(lambda x: x.sharding, arg_shapes))
+
+    def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner's rule: follow g's rows
+        spec = arg_shapes[1].sharding.spec
+        batch = spec[0] if len(spec) else None
+        return tuple(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch))
+                     for _ in result_shape)
+
+    wrapped = custom_partitioning(call)
+    wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                          sharding_rule=rule, **rule_factors)
+    # Under a plain vmap (one φ per member, e.g. several optimizers at once; coordinatewise
+    # folds the common case, a shared φ, into the batch axis itself) one call per member.
+    return sequential_vmap(wrapped)
+
+
 def _backward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns, cotangents, batch_dims):
     """``(dphi, dcolumns)`` of the network at ``columns`` (``batch_dims`` leading batch axes):
     ``dphi`` has the batch axes too (each member's own use of φ), as ``coordinatewise`` needs."""
@@ -229,17 +254,24 @@ def _backward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns, cotange
 
     flat_phi = pack_phi(phi, heads)
     d_dir, d_hm, d_hv = cotangents
-    out_types = (jax.ShapeDtypeStruct((batch, flat_phi.size), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, n), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32))
     # The input cotangents overwrite the output cotangents in place (each tile reads its own
     # before it writes): inside a scan XLA then needs neither new buffers nor copies for them.
-    call = jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential",
-                            input_output_aliases={4: 1, 5: 2, 6: 3})
+    attributes = _attributes(hidden, heads, raw, log_eps, eps, log_scale)
+
+    def call(flat_phi, g, hm, hv, d_dir, d_hm, d_hv):  # shapes of one shard under jax.sharding
+        out_types = (jax.ShapeDtypeStruct((g.shape[0], flat_phi.size), jnp.float32),
+                     jax.ShapeDtypeStruct(g.shape, jnp.float32),
+                     jax.ShapeDtypeStruct(hm.shape, jnp.float32),
+                     jax.ShapeDtypeStruct(hv.shape, jnp.float32))
+        return jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential",
+                                input_output_aliases={4: 1, 5: 2, 6: 3})(
+            flat_phi, g, hm, hv, d_dir, d_hm, d_hv, **attributes)
+
+    # Sharded over the batch only: φ's cotangent of a row sums over its coordinates.
+    call = _sharded(call, "p, b n, b h n, b h n, b n, b h n, b h n -> b p, b n, b h n, b h n",
+                    need_replication_factors=("p", "n", "h"))
     dphi, dg, dhm, dhv = call(flat_phi, rows(grads), rows(hidden_m, (hidden,)), rows(hidden_v, (hidden,)),
-                              rows(d_dir), rows(d_hm, (hidden,)), rows(d_hv, (hidden,)),
-                              **_attributes(hidden, heads, raw, log_eps, eps, log_scale))
+                              rows(d_dir), rows(d_hm, (hidden,)), rows(d_hv, (hidden,)))
     # Sum over the axes that are batch axes of the columns but not of the caller (broadcast ones
     # stay: coordinatewise's batch axes are leading and explicit).
     batch_shape = lead[:batch_dims]
@@ -269,15 +301,21 @@ def _forward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns):
     g = jnp.broadcast_to(grads, lead + (n,)).reshape(batch, n).astype(jnp.float32)
     hm = jnp.broadcast_to(hidden_m, lead + (hidden, n)).reshape(batch, hidden, n)
     hv = jnp.broadcast_to(hidden_v, lead + (hidden, n)).reshape(batch, hidden, n)
-    out_types = (jax.ShapeDtypeStruct((batch, n), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32),
-                 jax.ShapeDtypeStruct((batch, hidden, n), jnp.float32))
     # The new hidden states overwrite the old ones in place (each tile reads its coordinates'
     # state before it writes it): in a training loop's carry, XLA then neither allocates fresh
     # output buffers every step nor copies them back into the carry.
-    call = jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential",
-                            input_output_aliases={2: 1, 3: 2})
-    direction, hm, hv = call(pack_phi(phi, heads), g, hm.astype(jnp.float32), hv.astype(jnp.float32),
-                             **_attributes(hidden, heads, raw, log_eps, eps, log_scale))
+    attributes = _attributes(hidden, heads, raw, log_eps, eps, log_scale)
+
+    def call(flat_phi, g, hm, hv):  # shapes of one shard under jax.sharding
+        out_types = (jax.ShapeDtypeStruct(g.shape, jnp.float32),
+                     jax.ShapeDtypeStruct(hm.shape, jnp.float32),
+                     jax.ShapeDtypeStruct(hv.shape, jnp.float32))
+        return jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential",
+                                input_output_aliases={2: 1, 3: 2})(flat_phi, g, hm, hv, **attributes)
+
+    # Under jax.sharding every device updates its own rows and coordinates.
+    call = _sharded(call, "p, b n, b h n, b h n -> b n, b h n, b h n",
+                    need_replication_factors=("p", "h"))
+    direction, hm, hv = call(pack_phi(phi, heads), g, hm.astype(jnp.float32), hv.astype(jnp.float32))
     return (direction.reshape(lead + (n,)), hm.reshape(lead + (hidden, n)),
             hv.reshape(lead + (hidden, n)))
