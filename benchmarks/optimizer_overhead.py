@@ -6,8 +6,13 @@ update's FLOPs per coordinate (XLA's cost analysis of the compiled update; trans
 counted apart) and the fraction of this CPU's float32 peak it reaches, the peak being measured in
 the same run by a large float32 matmul. Optim4RL's rows use the fused CPU kernel where it is
 built (``optim4rl.optimizers.native``); the ``_jax`` rows time the same architectures with the
-network as plain JAX, in the same rounds. FLOPs are always those of the JAX network. Prints a
-table and writes ``benchmarks/results/optimizer_overhead.json``.
+network as plain JAX, in the same rounds. FLOPs are always those of the JAX network.
+
+A second figure, "in a loop", is the cost per update inside a jitted ``lax.scan`` of
+``LOOP_UPDATES`` updates, each applied to the parameters (state and parameters carried, the
+gradient fixed), as in a training loop: there XLA reuses the state's buffers, while one call of a
+jitted update also allocates and fills a fresh state (6.4 MB for Optim4RL here). Prints a table
+and writes ``benchmarks/results/optimizer_overhead.json``.
 
     python benchmarks/optimizer_overhead.py [--repeats 200] [--block-single-forward]
         [--output PATH]
@@ -26,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -79,6 +85,22 @@ def peak_flops(size: int = 2048, repeats: int = 10) -> float:
     return 2.0 * size**3 / best
 
 
+LOOP_UPDATES = 20
+
+
+def update_loop(tx):
+    """``LOOP_UPDATES`` updates in one ``lax.scan``, each applied to the parameters."""
+    def run(grads, state, params):
+        def body(carry, _):
+            state, params = carry
+            updates, state = tx.update(grads, state, params)
+            return (state, optax.apply_updates(params, updates)), None
+
+        return jax.lax.scan(body, (state, params), None, length=LOOP_UPDATES)[0]
+
+    return run
+
+
 def update_cost(tx, params, grads) -> dict:
     """XLA's FLOP and transcendental counts of the compiled update, with the network as JAX
     (XLA cannot count inside the fused kernel's custom call)."""
@@ -106,7 +128,7 @@ def main() -> None:
     num_params = sum(int(p.size) for p in jax.tree.leaves(params))
 
     peak = peak_flops()
-    runs, costs = {}, {}  # label: (compiled update, its arguments)
+    runs, costs, loops = {}, {}, {}  # label: (compiled update, its arguments); compiled loop
     labels = list(OPTIMIZERS) + [f"{label}_jax" for label in JAX_NETWORK]
     for label in labels:
         spec, options = OPTIMIZERS[label.removesuffix("_jax")]
@@ -116,17 +138,23 @@ def main() -> None:
         context = native.disabled() if label.endswith("_jax") else contextlib.nullcontext()
         with context:  # traced (compiled) here, inside the context
             update = jax.jit(lambda g, s, p, tx=tx: tx.update(g, s, p)).lower(grads, state, params).compile()
+            loop = jax.jit(update_loop(tx)).lower(grads, state, params).compile()
         runs[label] = (update, (grads, state, params))
+        loops[label] = loop
     # Rounds over all optimizers in turn, so that a change of load hits them all alike.
     times = {label: [] for label in labels}
+    loop_times = {label: [] for label in labels}
     loads = {label: [] for label in labels}
     rounds = 4
     for _ in range(rounds):
         for label, (update, update_args) in runs.items():
             times[label] += timed_runs(update, update_args, max(1, args.repeats // rounds))
+            loop_times[label] += timed_runs(loops[label], update_args,
+                                            max(1, args.repeats // (rounds * LOOP_UPDATES)) + 2)
             loads[label].append(os.getloadavg()[0])
     loads = {label: round(max(values), 2) for label, values in loads.items()}
     seconds = {label: statistics.median(t) for label, t in times.items()}
+    loop_seconds = {label: statistics.median(t) / LOOP_UPDATES for label, t in loop_times.items()}
 
     results = {
         label: {
@@ -140,12 +168,16 @@ def main() -> None:
             # Achieved FLOP/s (median time) over the matmul peak.
             "percent_of_peak": round(100.0 * costs[label]["flops"] / s / peak, 2),
             "load_average": loads[label],
+            "loop_ns_per_param": round(loop_seconds[label] * 1e9 / num_params, 3),
+            "loop_relative_to_adam": round(loop_seconds[label] / loop_seconds["adam"], 2),
+            "loop_percent_of_peak": round(100.0 * costs[label]["flops"] / loop_seconds[label] / peak, 2),
         }
         for label, s in seconds.items()
     }
     report = {
         "benchmark": "optimizer_overhead",
-        "description": "median time of one jitted tx.update on an MLP, grad_clip=1",
+        "description": "median time of one jitted tx.update on an MLP, grad_clip=1; loop_*: per update in a jitted lax.scan of LOOP_UPDATES applied updates",
+        "loop_updates": LOOP_UPDATES,
         "num_params": num_params,
         "layer_sizes": list(LAYER_SIZES),
         "repeats": args.repeats,
@@ -157,17 +189,22 @@ def main() -> None:
         "results": results,
         "optim4rl_ns_per_param": results["optim4rl"]["ns_per_param"],
         "rlc2024_ns_per_param": results["rlc2024"]["ns_per_param"],
+        "optim4rl_loop_ns_per_param": results["optim4rl"]["loop_ns_per_param"],
+        "rlc2024_loop_ns_per_param": results["rlc2024"]["loop_ns_per_param"],
     }
 
     print(f"one jitted update, {num_params:,} parameters, {report['device']}, "
           f"median of {args.repeats}; peak (2048² float32 matmul) {peak / 1e9:.1f} GFLOP/s")
     print(f"{'optimizer':<14}{'median µs':>12}{'min µs':>10}{'× Adam':>9}{'ns/param':>10}"
-          f"{'FLOP/param':>12}{'transc.':>9}{'% peak':>8}{'load':>7}")
+          f"{'FLOP/param':>12}{'transc.':>9}{'% peak':>8}{'load':>7}"
+          f"  | in a loop: {'ns/param':>9}{'× Adam':>8}{'% peak':>8}")
     for label, row in results.items():
         print(f"{label:<14}{row['median_us']:>12.1f}{row['min_us']:>10.1f}"
               f"{row['relative_to_adam']:>9.2f}{row['ns_per_param']:>10.3f}"
               f"{row['flops_per_param']:>12.1f}{row['transcendentals_per_param']:>9.1f}"
-              f"{row['percent_of_peak']:>8.2f}{row['load_average']:>7.2f}")
+              f"{row['percent_of_peak']:>8.2f}{row['load_average']:>7.2f}"
+              f"  |            {row['loop_ns_per_param']:>9.3f}{row['loop_relative_to_adam']:>8.2f}"
+              f"{row['loop_percent_of_peak']:>8.2f}")
     write_report(args.output, report)
 
 
