@@ -3,7 +3,8 @@
 The training loop is PureJaxRL's ``ppo.py`` (Lu et al. 2022) in compact form: gymnax CartPole-v1,
 4 parallel environments, 128-step rollouts, 4 epochs of 4 minibatches, a 64-64 tanh actor-critic,
 GAE, clipped surrogate, global-norm clip 0.5 chained before the optimizer, linearly annealed step
-size 2.5e-4; the whole run is one ``lax.scan`` inside one ``jit``, vmapped over 4 seeds. The only
+size 2.5e-4, orthogonal init (flax's values, through ``optim4rl.agents.networks.orthogonal``, which
+avoids a jaxlib CPU deadlock of batched QRs under vmap: docs/known_problems.md); the whole run is one ``lax.scan`` inside one ``jit``, vmapped over 4 seeds. The only
 difference between the two runs is the optimizer line: ``optax.adam(lr)`` or
 ``make_optimizer("optim4rl:grid6", lr)``. Where the fused CPU kernel is built, a third run uses
 the learned optimizer with its network as plain JAX (``optim4rl.optimizers.native``).
