@@ -82,36 +82,45 @@ O4R_INLINE vf vrsqrt(vf x) {
 }
 #endif
 
-// exp, float32, ~1 ulp (Cephes expf): 2^n · p(r), r = x − n·ln 2. With AVX-512 the rounding and
-// the scaling by 2^n are one instruction each (vrndscaleps, vscalefps); elsewhere 2^n is built
-// from its bits.
-O4R_INLINE vf vexp(vf x) {
-  // Clamped so that exp stays finite: the Newton steps of vrcp and vrsqrt turn an infinite
-  // input into nan (inf · 0).
-  x = vmin(x, splat(88.3762626647949f));
-  x = vmax(x, splat(-87.3365447504f));
-  vf fx = x * 1.44269504088896341f;
+// The range reduction both exps share: x clamped so that exp stays finite (the Newton steps of
+// vrcp and vrsqrt turn an infinite input into nan, inf · 0), t = x·log2(e), n = round(t), and
+// the final scaling by 2^n. With AVX-512 the rounding and the scaling are one instruction each
+// (vrndscaleps, vscalefps); elsewhere 2^n is built from its bits.
+struct ExpReduction {
+  vf x, t, nf;
+  O4R_INLINE explicit ExpReduction(vf input) {
+    x = vmin(input, splat(88.3762626647949f));
+    x = vmax(x, splat(-87.3365447504f));
+    t = x * 1.44269504088896341f;
 #ifdef __AVX512F__
-  vf nf = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(fx),
-                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    nf = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(t),
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
-  vi n = __builtin_convertvector(fx + select(fx >= 0.0f, splat(0.5f), splat(-0.5f)), vi);
-  vf nf = __builtin_convertvector(n, vf);
+    nf = __builtin_convertvector(
+        __builtin_convertvector(t + select(t >= 0.0f, splat(0.5f), splat(-0.5f)), vi), vf);
 #endif
-  vf r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+  }
+  O4R_INLINE vf times_pow2(vf y) const {
+#ifdef __AVX512F__
+    return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(y),
+                                                 reinterpret_cast<__m512>(nf)));
+#else
+    return y * as_float((__builtin_convertvector(nf, vi) + 127) << 23);
+#endif
+  }
+};
+
+// exp, float32, ~1 ulp (Cephes expf): 2^n · p(r), r = x − n·ln 2.
+O4R_INLINE vf vexp(vf input) {
+  const ExpReduction e(input);
+  vf r = e.x - e.nf * 0.693359375f - e.nf * -2.12194440e-4f;
   vf p = splat(1.9875691500E-4f);
   p = p * r + 1.3981999507E-3f;
   p = p * r + 8.3334519073E-3f;
   p = p * r + 4.1665795894E-2f;
   p = p * r + 1.6666665459E-1f;
   p = p * r + 5.0000001201E-1f;
-  vf y = p * r * r + r + 1.0f;
-#ifdef __AVX512F__
-  return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(y),
-                                               reinterpret_cast<__m512>(nf)));
-#else
-  return y * as_float((n + 127) << 23);
-#endif
+  return e.times_pow2(p * r * r + r + 1.0f);
 }
 
 // log for positive normal x, ~1 ulp (Cephes logf); inf and nan pass through.
@@ -148,30 +157,16 @@ O4R_INLINE vf vlog(vf x) {
 // 1 / (1 + e) or (1 − e) / (1 + e), whose absolute error stays below ~1e-7 for any x, so the
 // gates and hidden states agree with the JAX network to float32 rounding; the update's own
 // exp(o1), exp(o2) keep vexp.
-O4R_INLINE vf vexp_gate(vf x) {
-  x = vmin(x, splat(88.3762626647949f));
-  x = vmax(x, splat(-87.3365447504f));
-  vf t = x * 1.44269504088896341f;
-#ifdef __AVX512F__
-  vf nf = reinterpret_cast<vf>(_mm512_roundscale_ps(reinterpret_cast<__m512>(t),
-                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-#else
-  vi n = __builtin_convertvector(t + select(t >= 0.0f, splat(0.5f), splat(-0.5f)), vi);
-  vf nf = __builtin_convertvector(n, vf);
-#endif
-  vf f = t - nf;
+O4R_INLINE vf vexp_gate(vf input) {
+  const ExpReduction e(input);
+  vf f = e.t - e.nf;
   vf p = splat(1.3278163969516754e-3f);
   p = p * f + 9.675555862486362e-3f;
   p = p * f + 5.5507078766822815e-2f;
   p = p * f + 2.4022118747234344e-1f;
   p = p * f + 6.931469440460205e-1f;
   p = p * f + 1.0000001192092896f;
-#ifdef __AVX512F__
-  return reinterpret_cast<vf>(_mm512_scalef_ps(reinterpret_cast<__m512>(p),
-                                               reinterpret_cast<__m512>(nf)));
-#else
-  return p * as_float((n + 127) << 23);
-#endif
+  return e.times_pow2(p);
 }
 
 O4R_INLINE vf vsigmoid(vf x) { return vrcp(1.0f + vexp_gate(-x)); }
