@@ -219,19 +219,23 @@ def _attributes(hidden, heads, raw, log_eps, eps, log_scale) -> dict:
 
 
 def _sharded(call, rule: str, **rule_factors):
-    """``call`` (an ``ffi_call`` on ``[batch, ...]`` rows) under ``jax.sharding``: each device runs
-    it on its own shard of the batch and coordinate axes (``rule`` says which axes are which), instead
-    of XLA gathering every input and running the whole call on every device. On one device it
-    lowers to the plain call."""
-    def partition(mesh, arg_shapes, result_shape):
-        return (mesh, call, jax.tree.map(lambda x: x.sharding, result_shape),
-                jax.tree.map(lambda x: x.sharding, arg_shapes))
-
-    def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner's rule: follow g's rows
-        spec = arg_shapes[1].sharding.spec
+    """``call`` (an ``ffi_call`` on ``[batch, ...]`` rows, φ first) under ``jax.sharding``: each
+    device runs it on its own rows, instead of XLA gathering every input and running the whole
+    call on every device. Only the batch axis is split (``rule`` names it ``b``; every other axis
+    is replicated). On one device it lowers to the plain call."""
+    def rows_sharding(mesh, shapes):
+        spec = shapes[0].sharding.spec  # the first result's rows decide, for every operand
         batch = spec[0] if len(spec) else None
-        return tuple(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch))
-                     for _ in result_shape)
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch))
+
+    def infer(mesh, arg_shapes, result_shape):  # the GSPMD partitioner: follow g's rows
+        return tuple(rows_sharding(mesh, arg_shapes[1:]) for _ in result_shape)
+
+    def partition(mesh, arg_shapes, result_shape):
+        rows = rows_sharding(mesh, result_shape)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        return (mesh, call, tuple(rows for _ in result_shape),
+                (replicated,) + tuple(rows for _ in arg_shapes[1:]))
 
     wrapped = custom_partitioning(call)
     wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
@@ -267,7 +271,7 @@ def _backward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns, cotange
                                 input_output_aliases={4: 1, 5: 2, 6: 3})(
             flat_phi, g, hm, hv, d_dir, d_hm, d_hv, **attributes)
 
-    # Sharded over the batch only: φ's cotangent of a row sums over its coordinates.
+    # Under jax.sharding every device differentiates its own rows.
     call = _sharded(call, "p, b n, b h n, b h n, b n, b h n, b h n -> b p, b n, b h n, b h n",
                     need_replication_factors=("p", "n", "h"))
     dphi, dg, dhm, dhv = call(flat_phi, rows(grads), rows(hidden_m, (hidden,)), rows(hidden_v, (hidden,)),
@@ -313,9 +317,9 @@ def _forward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns):
         return jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential",
                                 input_output_aliases={2: 1, 3: 2})(flat_phi, g, hm, hv, **attributes)
 
-    # Under jax.sharding every device updates its own rows and coordinates.
+    # Under jax.sharding every device updates its own rows.
     call = _sharded(call, "p, b n, b h n, b h n -> b n, b h n, b h n",
-                    need_replication_factors=("p", "h"))
+                    need_replication_factors=("p", "n", "h"))
     direction, hm, hv = call(pack_phi(phi, heads), g, hm.astype(jnp.float32), hv.astype(jnp.float32))
     return (direction.reshape(lead + (n,)), hm.reshape(lead + (hidden, n)),
             hv.reshape(lead + (hidden, n)))
