@@ -4,7 +4,7 @@ For every optimizer, times one jitted ``tx.update(grads, state, params)`` (media
 each ended by ``block_until_ready``), reports it relative to Adam and per parameter, with the
 update's FLOPs per coordinate (XLA's cost analysis of the compiled update; transcendentals
 counted apart) and the fraction of this CPU's float32 peak it reaches, the peak being measured in
-the same run by a large float32 matmul. Optim4RL's rows use the fused CPU kernel where it is
+the same run by a large float32 matmul. Optim4RL's, L2L's and Lin's rows use the fused CPU kernel where it is
 built (``optim4rl.optimizers.native``); the ``_jax`` rows time the same architectures with the
 network as plain JAX, in the same rounds. FLOPs are always those of the JAX network.
 
@@ -55,9 +55,9 @@ OPTIMIZERS = {  # label: (spec, architecture options)
     "lin": ("lin:init", {}),
     "star": ("star:init", {}),
 }
-# Optim4RL's rows run through the fused CPU kernel where it is built; these run the same
+# Optim4RL's, L2L's and Lin's rows run through the fused CPU kernel where it is built; these run the same
 # architectures with the network as plain JAX, timed in the same rounds (before/after).
-JAX_NETWORK = ("optim4rl", "optim4rl_raw", "rlc2024")
+JAX_NETWORK = ("optim4rl", "optim4rl_raw", "rlc2024", "l2l", "lin")
 
 
 def mlp_params(key: jax.Array) -> dict:

@@ -20,20 +20,30 @@ import pytest
 
 import optim4rl
 from optim4rl.optimizers import native
-from optim4rl.optimizers.gru_optimizers import Optim4RL
+from optim4rl.optimizers.gru_optimizers import L2L, Lin, Optim4RL
 
 ARCHITECTURES = {
     "default": Optim4RL(),
     "rlc2024": Optim4RL(inputs="raw", head_sizes=()),
     "raw_mlp": Optim4RL(inputs="raw"),
     "log_scale": Optim4RL(log_scale=0.1),
+    "l2l": L2L(),
+    "l2l_linear": L2L(head_sizes=()),
+    "lin": Lin(),
+    "lin_linear": Lin(head_sizes=()),
 }
 # Reordered float32 sums and ~1-ulp transcendentals, over a few recurrent steps. Hidden states
 # (of order one, some near zero after cancellations) get an absolute tolerance; updates (of
 # order α = 1e-3, exactly zero where the gradient is) a relative one.
 TOLERANCE = {"update": {"rtol": 2e-5, "atol": 1e-12},
-             "hidden_m": {"rtol": 2e-5, "atol": 2e-6},
-             "hidden_v": {"rtol": 2e-5, "atol": 2e-6}}
+             "hidden": {"rtol": 2e-5, "atol": 2e-6}}
+# Lin's update is a sum of two terms of order α that may cancel: its rounding is relative to them.
+LIN_UPDATE = {"rtol": 2e-5, "atol": 1e-9}
+
+
+def hidden_states(state) -> tuple:
+    """The recurrent states of an optimizer state, ``[..., H, N]`` each."""
+    return (state.hidden_m, state.hidden_v) if hasattr(state, "hidden_m") else (state.hidden,)
 
 pytestmark = pytest.mark.skipif(native.library() is None,
                                 reason=f"fused kernel not built: {native.status()}")
@@ -60,7 +70,7 @@ def gradient_stream(shape, steps=4, seed=2):
 
 
 def run_steps(opt, phi, grads, vmapped, use_native):
-    """(updates, hidden_m, hidden_v) after each step of `grads`, jitted afresh."""
+    """(update, *hidden states) after each step of `grads`, jitted afresh."""
     context = contextlib.nullcontext() if use_native else native.disabled()
     with context:
         tx = opt.transform(phi, learning_rate=1e-3)
@@ -72,7 +82,7 @@ def run_steps(opt, phi, grads, vmapped, use_native):
         outputs = []
         for g in grads:
             delta, state = step(g, state)
-            outputs.append((np.asarray(delta), np.asarray(state.hidden_m), np.asarray(state.hidden_v)))
+            outputs.append((np.asarray(delta),) + tuple(np.asarray(h) for h in hidden_states(state)))
     return outputs
 
 
@@ -93,26 +103,30 @@ def test_kernel_equals_the_jax_network(label, vmapped):
     fused = run_steps(opt, phi, grads, vmapped, use_native=True)
     plain = run_steps(opt, phi, grads, vmapped, use_native=False)
     for step, (a, b) in enumerate(zip(fused, plain)):
-        for name, x, y in zip(("update", "hidden_m", "hidden_v"), a, b):
-            np.testing.assert_allclose(x, y, err_msg=f"{label} step {step} {name}",
-                                       **TOLERANCE[name])
+        for i, (x, y) in enumerate(zip(a, b)):
+            tolerance = TOLERANCE["hidden"] if i else (
+                LIN_UPDATE if opt.name == "lin" else TOLERANCE["update"])
+            np.testing.assert_allclose(x, y, err_msg=f"{label} step {step} output {i}", **tolerance)
         assert np.any(a[0] != 0.0)
 
 
-def test_the_kernel_is_traced_into_the_update():
-    opt = ARCHITECTURES["default"]
+@pytest.mark.parametrize("label,target", [("default", native.TARGET), ("l2l", native.SINGLE_TARGET),
+                                          ("lin", native.SINGLE_TARGET)])
+def test_the_kernel_is_traced_into_the_update(label, target):
+    opt = ARCHITECTURES[label]
     tx = opt.transform(opt.init_meta(jax.random.key(0)), 1e-3)
     params = jnp.zeros((100,))
     text = jax.jit(tx.update).lower(params, tx.init(params)).as_text()
-    assert native.TARGET in text
+    assert target in text
     with native.disabled():
         text = jax.jit(lambda g, s: tx.update(g, s)).lower(params, tx.init(params)).as_text()
-    assert native.TARGET not in text
+    assert target not in text
 
 
-def test_non_finite_gradients_stay_non_finite():
+@pytest.mark.parametrize("label", ["default", "l2l", "lin"])
+def test_non_finite_gradients_stay_non_finite(label):
     # A nan or inf gradient must not become a finite update (the run would hide its divergence).
-    opt = ARCHITECTURES["default"]
+    opt = ARCHITECTURES[label]
     for use_native in (True, False):
         with contextlib.nullcontext() if use_native else native.disabled():
             tx = opt.transform(perturbed_phi(opt), 1e-3)
@@ -120,13 +134,15 @@ def test_non_finite_gradients_stay_non_finite():
             delta, state = jax.jit(lambda g, s: tx.update(g, s))(g, tx.init(g))
         assert np.isnan(np.asarray(delta)[1::4]).all(), use_native
         assert np.isfinite(np.asarray(delta)[0::4]).all(), use_native
-        assert np.isnan(np.asarray(state.hidden_m)[:, 1]).all(), use_native
+        assert np.isnan(np.asarray(hidden_states(state)[0])[:, 1]).all(), use_native
 
 
 def test_unsupported_architectures_run_as_jax():
     assert native.kernel_for(Optim4RL(sign_flip=True)) is None
     assert native.kernel_for(Optim4RL(head_sizes=(32,))) is None
     assert native.kernel_for(Optim4RL(hidden_size=4)) is None
+    assert native.kernel_for(L2L(hidden_size=4)) is None
+    assert native.kernel_for(Lin(head_sizes=(16,))) is None
     with native.disabled():
         assert native.kernel_for(Optim4RL()) is None
         assert native.status() == "off"
@@ -145,23 +161,24 @@ def test_the_backward_kernel_equals_the_jax_vjp(label, batch):
     kernel = native.kernel_for(opt)
     phi = perturbed_phi(opt, scale=0.3)
     n, hidden = 1000, opt.hidden_size
-    keys = jax.random.split(jax.random.key(5), 6)
+    states = len(hidden_states(opt.init_state(1)))
+    keys = jax.random.split(jax.random.key(5), 2 + 2 * states)
     g = gradient_stream(batch + (n,), steps=1)[0]
-    hm = jax.random.normal(keys[0], batch + (hidden, n))
-    hv = jax.random.normal(keys[1], batch + (hidden, n))
-    cot = (jax.random.normal(keys[2], batch + (n,)), jax.random.normal(keys[3], batch + (hidden, n)),
-           jax.random.normal(keys[4], batch + (hidden, n)))
-    dphi, dcolumns = jax.jit(lambda p, c, t: kernel.backward(p, c, t, len(batch)))(phi, (g, hm, hv), cot)
+    hs = tuple(jax.random.normal(keys[i], batch + (hidden, n)) for i in range(states))
+    cot = (jax.random.normal(keys[states], batch + (n,)),) + tuple(
+        jax.random.normal(keys[states + 1 + i], batch + (hidden, n)) for i in range(states))
+    columns = (g,) + hs
+    dphi, dcolumns = jax.jit(lambda p, c, t: kernel.backward(p, c, t, len(batch)))(phi, columns, cot)
 
-    def one(p, g, hm, hv, cot):
-        _, vjp = jax.vjp(lambda p, c: tuple(opt._network(p, c)), p, (g, hm, hv))
+    def one(p, columns, cot):
+        _, vjp = jax.vjp(lambda p, c: tuple(opt._network(p, c)), p, columns)
         return vjp(cot)
 
     expected = one
     for _ in batch:
         expected = jax.vmap(expected)
     expected = jax.jit(expected)(jax.tree.map(lambda x: jnp.broadcast_to(x, batch + x.shape), phi),
-                                 g, hm, hv, cot)
+                                 columns, cot)
     got_leaves, want_leaves = jax.tree.leaves((dphi, dcolumns)), jax.tree.leaves(expected)
     assert len(got_leaves) == len(want_leaves)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path((dphi, dcolumns)), want_leaves):

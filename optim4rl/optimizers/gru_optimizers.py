@@ -169,7 +169,8 @@ class _SingleGRU(LearnedOptimizer):
                         count=jnp.zeros((), jnp.int32))
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        direction, hidden = coordinatewise(self._network, phi, (grads, state.hidden))
+        direction, hidden = coordinatewise(self._network, phi, (grads, state.hidden),
+                                           native.kernel_for(self))
         return -learning_rate * direction, GRUState(hidden, state.count + 1)
 
 

@@ -1,4 +1,4 @@
-"""A fused CPU kernel for Optim4RL's coordinate-wise network, built on first use.
+"""Fused CPU kernels for the recurrent learned optimizers' coordinate-wise networks, built on first use.
 
 XLA runs the network (two GRU cells, two MLP heads, the update rule) as some twenty separate
 loops over the coordinates, each reading and writing ``[features, N]`` activations. The kernel in
@@ -17,8 +17,9 @@ compiler, the jax version and the CPU's feature flags. Without a compiler, or wi
 and, as a second custom call, the backward pass (the vector-Jacobian product that meta-training
 takes through every inner update: cotangents of φ per batch member, of the gradient and of both
 hidden states).
-Supported: hidden size 8 with heads (16, 16) (the default) or linear heads (``rlc2024``), both
-input processings, no learned sign flip; anything else runs as JAX.
+Supported: Optim4RL with hidden size 8 and heads (16, 16) (the default) or linear heads
+(``rlc2024``), both input processings, no learned sign flip; the one-GRU baselines L2L and Lin
+(a second pair of calls, the same machinery) with the same sizes; anything else runs as JAX.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +48,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 SOURCE = Path(__file__).with_name("optim4rl_cpu.cc")
 TARGET = "optim4rl_optim4rl_forward"
 BACKWARD_TARGET = "optim4rl_optim4rl_backward"
+SINGLE_TARGET = "optim4rl_single_forward"  # L2L and Lin
+SINGLE_BACKWARD_TARGET = "optim4rl_single_backward"
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
 NATIVE_FLAGS = ("-march=native",)
 
@@ -125,8 +129,10 @@ def library() -> ctypes.CDLL | None:
                 lib = ctypes.CDLL(str(_build(compiler)))
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.Optim4RLForward),
                                             platform="cpu")
-                jax.ffi.register_ffi_target(BACKWARD_TARGET, jax.ffi.pycapsule(lib.Optim4RLBackward),
-                                            platform="cpu")
+                for target, symbol in ((BACKWARD_TARGET, lib.Optim4RLBackward),
+                                       (SINGLE_TARGET, lib.SingleForward),
+                                       (SINGLE_BACKWARD_TARGET, lib.SingleBackward)):
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
                 lib.optim4rl_native_supports.restype = ctypes.c_int
                 lib.optim4rl_native_supports.argtypes = [ctypes.c_int64] * 3
                 _state["library"] = lib
@@ -154,10 +160,30 @@ def _head_sizes(head_sizes: tuple[int, ...]) -> tuple[int, int] | None:
     return None
 
 
+class _Spec(NamedTuple):
+    """Which custom calls run a network, how φ is packed for them, and their attributes."""
+
+    target: str
+    backward_target: str
+    hidden: int
+    parts: tuple[tuple[str, str], ...]  # φ's sub-dicts in packing order: (name, "gru" | "head")
+    attributes: tuple[tuple[str, object], ...]
+
+
+# L2L's and Lin's update rules, as the kernel numbers them (kRuleL2L, kRuleLin).
+_SINGLE_RULES = {"l2l": 0, "lin": 1}
+
+
 def kernel_for(opt):
-    """``kernel(phi, columns) -> (direction, hidden_m, hidden_v)`` for an Optim4RL architecture,
-    or ``None`` where the fused kernel does not apply (not on CPU, unsupported sizes, disabled)."""
-    if not _enabled[0] or jax.default_backend() != "cpu" or opt.sign_flip:
+    """``kernel(phi, columns) -> outputs`` for a learned optimizer's coordinate-wise network, or
+    ``None`` where the fused kernel does not apply (not on CPU, unsupported sizes, disabled).
+
+    Optim4RL (columns ``(g, hidden_m, hidden_v)``) and the one-GRU baselines L2L and Lin
+    (columns ``(g, hidden)``), each with hidden size 8 and heads (16, 16) or linear heads;
+    Optim4RL without the learned sign flip. ``kernel.backward`` is the VJP of the same network."""
+    if not _enabled[0] or jax.default_backend() != "cpu" or getattr(opt, "sign_flip", False):
+        return None
+    if opt.name not in ("optim4rl", *_SINGLE_RULES):
         return None
     heads = _head_sizes(tuple(opt.head_sizes))
     if heads is None:
@@ -165,28 +191,43 @@ def kernel_for(opt):
     lib = library()
     if lib is None or not lib.optim4rl_native_supports(opt.hidden_size, *heads):
         return None
-    args = (opt.hidden_size, heads, opt.inputs == "raw", float(opt.log_eps), float(opt.eps),
-            float(opt.log_scale))
-    kernel = functools.partial(_forward, *args)
+    sizes = dict(hidden=np.int64(opt.hidden_size), head1=np.int64(heads[0]), head2=np.int64(heads[1]))
+    if opt.name == "optim4rl":
+        spec = _Spec(TARGET, BACKWARD_TARGET, opt.hidden_size,
+                     (("gru_m", "gru"), ("head_m", "head"), ("gru_v", "gru"), ("head_v", "head")),
+                     tuple(dict(sizes, raw=opt.inputs == "raw", log_eps=np.float32(opt.log_eps),
+                                eps=np.float32(opt.eps), log_scale=np.float32(opt.log_scale)).items()))
+    else:
+        spec = _Spec(SINGLE_TARGET, SINGLE_BACKWARD_TARGET, opt.hidden_size,
+                     (("gru", "gru"), ("head", "head")),
+                     tuple(dict(sizes, rule=np.int64(_SINGLE_RULES[opt.name]),
+                                p=np.float32(getattr(opt, "p", 1.0)),
+                                eps=np.float32(getattr(opt, "eps", 1e-8))).items()))
+    kernel = functools.partial(_forward, spec)
     # The backward pass (coordinatewise's custom VJP uses it where present): the VJP of the same
     # network, with φ's cotangent per member of the batch axes.
-    kernel.backward = functools.partial(_backward, *args)
+    kernel.backward = functools.partial(_backward, spec)
     return kernel
 
 
-def pack_phi(phi: dict, raw_heads: tuple[int, int]) -> jax.Array:
-    """φ as the one flat vector the kernel reads (layout in optim4rl_cpu.cc)."""
-    def gru(p):
-        return [p["wi"], p["wh"], p["b"], p["bhn"]]
+def _gru_leaves(p):
+    return [p["wi"], p["wh"], p["b"], p["bhn"]]
 
-    def head(p):
-        return [leaf for i in range(len(p)) for leaf in (p[f"dense{i}"]["w"], p[f"dense{i}"]["b"])]
 
-    leaves = gru(phi["gru_m"]) + head(phi["head_m"]) + gru(phi["gru_v"]) + head(phi["head_v"])
+def _head_leaves(p):
+    return [leaf for i in range(len(p)) for leaf in (p[f"dense{i}"]["w"], p[f"dense{i}"]["b"])]
+
+
+def pack_phi(phi: dict, parts: tuple[tuple[str, str], ...]) -> jax.Array:
+    """φ as the one flat vector the kernel reads (layout in optim4rl_cpu.cc): the sub-dicts
+    ``parts`` names, in that order, each GRU as wi, wh, b, bhn and each head layer as w, b."""
+    leaves = []
+    for name, kind in parts:
+        leaves += _gru_leaves(phi[name]) if kind == "gru" else _head_leaves(phi[name])
     return jnp.concatenate([jnp.ravel(leaf).astype(jnp.float32) for leaf in leaves])
 
 
-def unpack_phi(flat: jax.Array, like: dict) -> dict:
+def unpack_phi(flat: jax.Array, like: dict, parts: tuple[tuple[str, str], ...]) -> dict:
     """The inverse of :func:`pack_phi` on the last axis of ``flat`` (its leading axes kept)."""
     lead, offset = flat.shape[:-1], [0]
 
@@ -195,27 +236,17 @@ def unpack_phi(flat: jax.Array, like: dict) -> dict:
         offset[0] += leaf.size
         return piece.astype(leaf.dtype)
 
-    def gru(p):
-        return {k: take(p[k]) for k in ("wi", "wh", "b", "bhn")}
-
-    def head(p):
-        out = {}
-        for i in range(len(p)):
-            w = take(p[f"dense{i}"]["w"])
-            out[f"dense{i}"] = {"w": w, "b": take(p[f"dense{i}"]["b"])}
-        return out
-
-    # The order of pack_phi: gru_m, head_m, gru_v, head_v.
-    result = {"gru_m": gru(like["gru_m"]), "head_m": head(like["head_m"])}
-    result["gru_v"] = gru(like["gru_v"])
-    result["head_v"] = head(like["head_v"])
+    result = {}
+    for name, kind in parts:
+        p = like[name]
+        if kind == "gru":
+            result[name] = {k: take(p[k]) for k in ("wi", "wh", "b", "bhn")}
+        else:
+            result[name] = {}
+            for i in range(len(p)):
+                w = take(p[f"dense{i}"]["w"])
+                result[name][f"dense{i}"] = {"w": w, "b": take(p[f"dense{i}"]["b"])}
     return result
-
-
-def _attributes(hidden, heads, raw, log_eps, eps, log_scale) -> dict:
-    return dict(hidden=np.int64(hidden), head1=np.int64(heads[0]), head2=np.int64(heads[1]),
-                raw=bool(raw), log_eps=np.float32(log_eps), eps=np.float32(eps),
-                log_scale=np.float32(log_scale))
 
 
 def _sharded(call, rule: str, **rule_factors):
@@ -245,47 +276,74 @@ def _sharded(call, rule: str, **rule_factors):
     return sequential_vmap(wrapped)
 
 
-def _backward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns, cotangents, batch_dims):
-    """``(dphi, dcolumns)`` of the network at ``columns`` (``batch_dims`` leading batch axes):
-    ``dphi`` has the batch axes too (each member's own use of φ), as ``coordinatewise`` needs."""
-    grads, hidden_m, hidden_v = columns
-    lead = jnp.broadcast_shapes(grads.shape[:-1], hidden_m.shape[:-2], hidden_v.shape[:-2])
-    n = grads.shape[-1]
-    batch = math.prod(lead)
+def _rows(columns, hidden):
+    """The columns ``(g, *hidden states)`` broadcast to their common leading axes and flattened
+    to ``[batch, n]`` and ``[batch, hidden, n]`` rows; returns ``(lead, rows)``."""
+    grads, *states = columns
+    lead = jnp.broadcast_shapes(grads.shape[:-1], *(h.shape[:-2] for h in states))
+    n, batch = grads.shape[-1], math.prod(lead)
 
-    def rows(x, features=()):
+    def rows(x, features):
         return jnp.broadcast_to(x, lead + features + (n,)).reshape((batch,) + features + (n,)).astype(jnp.float32)
 
-    flat_phi = pack_phi(phi, heads)
-    d_dir, d_hm, d_hv = cotangents
+    return lead, [rows(grads, ())] + [rows(h, (hidden,)) for h in states]
+
+
+def _forward(spec: _Spec, phi, columns):
+    states = len(columns) - 1
+    lead, rows = _rows(columns, spec.hidden)
+    n = columns[0].shape[-1]
+    # The new hidden states overwrite the old ones in place (each tile reads its coordinates'
+    # state before it writes it): in a training loop's carry, XLA then neither allocates fresh
+    # output buffers every step nor copies them back into the carry.
+    def call(flat_phi, g, *hs):  # shapes of one shard under jax.sharding
+        out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (g, *hs))
+        return jax.ffi.ffi_call(spec.target, out_types, vmap_method="sequential",
+                                input_output_aliases={2 + i: 1 + i for i in range(states)})(
+            flat_phi, g, *hs, **dict(spec.attributes))
+
+    # Under jax.sharding every device updates its own rows.
+    columns_rule = "b n" + ", b h n" * states
+    call = _sharded(call, f"p, {columns_rule} -> {columns_rule}",
+                    need_replication_factors=("p", "n", "h"))
+    outputs = call(pack_phi(phi, spec.parts), *rows)
+    return (outputs[0].reshape(lead + (n,)),) + tuple(
+        h.reshape(lead + (spec.hidden, n)) for h in outputs[1:])
+
+
+def _backward(spec: _Spec, phi, columns, cotangents, batch_dims):
+    """``(dphi, dcolumns)`` of the network at ``columns`` (``batch_dims`` leading batch axes):
+    ``dphi`` has the batch axes too (each member's own use of φ), as ``coordinatewise`` needs."""
+    states = len(columns) - 1
+    lead, rows = _rows(columns, spec.hidden)
+    _, cotangent_rows = _rows(tuple(cotangents), spec.hidden)
+    n = columns[0].shape[-1]
+    flat_phi = pack_phi(phi, spec.parts)
+
     # The input cotangents overwrite the output cotangents in place (each tile reads its own
     # before it writes): inside a scan XLA then needs neither new buffers nor copies for them.
-    attributes = _attributes(hidden, heads, raw, log_eps, eps, log_scale)
-
-    def call(flat_phi, g, hm, hv, d_dir, d_hm, d_hv):  # shapes of one shard under jax.sharding
-        out_types = (jax.ShapeDtypeStruct((g.shape[0], flat_phi.size), jnp.float32),
-                     jax.ShapeDtypeStruct(g.shape, jnp.float32),
-                     jax.ShapeDtypeStruct(hm.shape, jnp.float32),
-                     jax.ShapeDtypeStruct(hv.shape, jnp.float32))
-        return jax.ffi.ffi_call(BACKWARD_TARGET, out_types, vmap_method="sequential",
-                                input_output_aliases={4: 1, 5: 2, 6: 3})(
-            flat_phi, g, hm, hv, d_dir, d_hm, d_hv, **attributes)
+    def call(flat_phi, *operands):  # shapes of one shard under jax.sharding
+        g, hs = operands[0], operands[1:1 + states]
+        out_types = (jax.ShapeDtypeStruct((g.shape[0], flat_phi.size), jnp.float32),) + tuple(
+            jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (g, *hs))
+        return jax.ffi.ffi_call(spec.backward_target, out_types, vmap_method="sequential",
+                                input_output_aliases={2 + states + i: 1 + i for i in range(states + 1)})(
+            flat_phi, *operands, **dict(spec.attributes))
 
     # Under jax.sharding every device differentiates its own rows.
-    call = _sharded(call, "p, b n, b h n, b h n, b n, b h n, b h n -> b p, b n, b h n, b h n",
+    columns_rule = "b n" + ", b h n" * states
+    call = _sharded(call, f"p, {columns_rule}, {columns_rule} -> b p, {columns_rule}",
                     need_replication_factors=("p", "n", "h"))
-    dphi, dg, dhm, dhv = call(flat_phi, rows(grads), rows(hidden_m, (hidden,)), rows(hidden_v, (hidden,)),
-                              rows(d_dir), rows(d_hm, (hidden,)), rows(d_hv, (hidden,)))
+    dphi, *dcolumns = call(flat_phi, *rows, *cotangent_rows)
     # Sum over the axes that are batch axes of the columns but not of the caller (broadcast ones
     # stay: coordinatewise's batch axes are leading and explicit).
     batch_shape = lead[:batch_dims]
     dphi = dphi.reshape(lead + (flat_phi.size,))
     dphi = dphi.sum(axis=tuple(range(batch_dims, len(lead)))) if len(lead) > batch_dims else dphi
-    dphi = unpack_phi(dphi.reshape(batch_shape + (flat_phi.size,)), phi)
-
-    dcolumns = (_unbroadcast(dg.reshape(lead + (n,)), grads),
-                _unbroadcast(dhm.reshape(lead + (hidden, n)), hidden_m),
-                _unbroadcast(dhv.reshape(lead + (hidden, n)), hidden_v))
+    dphi = unpack_phi(dphi.reshape(batch_shape + (flat_phi.size,)), phi, spec.parts)
+    features = [()] + [(spec.hidden,)] * states
+    dcolumns = tuple(_unbroadcast(d.reshape(lead + f + (n,)), x)
+                     for d, f, x in zip(dcolumns, features, columns))
     return dphi, dcolumns
 
 
@@ -295,31 +353,3 @@ def _unbroadcast(d: jax.Array, x: jax.Array) -> jax.Array:
     d = d.sum(axis=tuple(range(extra))) if extra else d
     axes = tuple(i for i, (a, b) in enumerate(zip(d.shape, x.shape)) if a != b)
     return (d.sum(axis=axes, keepdims=True) if axes else d).astype(x.dtype)
-
-
-def _forward(hidden, heads, raw, log_eps, eps, log_scale, phi, columns):
-    grads, hidden_m, hidden_v = columns
-    lead = jnp.broadcast_shapes(grads.shape[:-1], hidden_m.shape[:-2], hidden_v.shape[:-2])
-    n = grads.shape[-1]
-    batch = math.prod(lead)
-    g = jnp.broadcast_to(grads, lead + (n,)).reshape(batch, n).astype(jnp.float32)
-    hm = jnp.broadcast_to(hidden_m, lead + (hidden, n)).reshape(batch, hidden, n)
-    hv = jnp.broadcast_to(hidden_v, lead + (hidden, n)).reshape(batch, hidden, n)
-    # The new hidden states overwrite the old ones in place (each tile reads its coordinates'
-    # state before it writes it): in a training loop's carry, XLA then neither allocates fresh
-    # output buffers every step nor copies them back into the carry.
-    attributes = _attributes(hidden, heads, raw, log_eps, eps, log_scale)
-
-    def call(flat_phi, g, hm, hv):  # shapes of one shard under jax.sharding
-        out_types = (jax.ShapeDtypeStruct(g.shape, jnp.float32),
-                     jax.ShapeDtypeStruct(hm.shape, jnp.float32),
-                     jax.ShapeDtypeStruct(hv.shape, jnp.float32))
-        return jax.ffi.ffi_call(TARGET, out_types, vmap_method="sequential",
-                                input_output_aliases={2: 1, 3: 2})(flat_phi, g, hm, hv, **attributes)
-
-    # Under jax.sharding every device updates its own rows.
-    call = _sharded(call, "p, b n, b h n, b h n -> b n, b h n, b h n",
-                    need_replication_factors=("p", "n", "h"))
-    direction, hm, hv = call(pack_phi(phi, heads), g, hm.astype(jnp.float32), hv.astype(jnp.float32))
-    return (direction.reshape(lead + (n,)), hm.reshape(lead + (hidden, n)),
-            hv.reshape(lead + (hidden, n)))

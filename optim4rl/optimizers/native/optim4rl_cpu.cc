@@ -15,6 +15,7 @@
 // Built by native/__init__.py with the machine's C++ compiler; see docs/DESIGN.md.
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -172,11 +173,15 @@ O4R_INLINE vf vexp_gate(vf input) {
 O4R_INLINE vf vsigmoid(vf x) { return vrcp(1.0f + vexp_gate(-x)); }
 
 // tanh(x) = sign(x) · (1 − e) / (1 + e), e = exp(−2|x|): relative error ~1e-7 where |tanh| is
-// of order one, absolute error ~6e-8 near zero (from the rounding of e).
+// of order one. Below |x| = 1e-4, where the rounding of e would leave an absolute error of ~6e-8,
+// tanh(x) = x to float32 precision: so tanh(0) is exactly 0, as in JAX. That matters: a GRU at a
+// zero state with a zero input then keeps an exact zero state, and a ReLU of the head sees an
+// exact 0 (derivative 0) rather than a 1e-8 (derivative 1), which would change meta-gradients.
 O4R_INLINE vf vtanh(vf x) {
   const vi sign_bit = as_int(x) & static_cast<int32_t>(0x80000000u);
-  vf e = vexp_gate(-2.0f * as_float(as_int(x) & 0x7fffffff));
-  vf t = (1.0f - e) * vrcp(1.0f + e);
+  const vf ax = as_float(as_int(x) & 0x7fffffff);
+  vf e = vexp_gate(-2.0f * ax);
+  vf t = select(ax < 1e-4f, ax, (1.0f - e) * vrcp(1.0f + e));
   return as_float(as_int(t) | sign_bit);
 }
 
@@ -780,6 +785,38 @@ struct Backward {
 
 constexpr int64_t kBackwardTilesPerChunk = 128;  // 2,048 coordinates
 
+// φ's cotangent of a backward call, [batch, size]: run_tiles(b, first, last, acc) adds (lane-wise)
+// the cotangent of tiles [first, last) of row b to acc. Each chunk of tiles sums into its own
+// slot and the slots of a row are added in order, so the result does not depend on which thread
+// ran which chunk.
+template <typename F>
+void SumPhiCotangent(int64_t batch, int64_t n, int64_t size, float* dphi, F run_tiles) {
+  const int64_t tiles_per_row = (n + kLanes - 1) / kLanes;
+  const int64_t chunks_per_row = (tiles_per_row + kBackwardTilesPerChunk - 1) / kBackwardTilesPerChunk;
+  const int64_t chunks = batch * chunks_per_row;
+  std::vector<float> partial(static_cast<size_t>(chunks * size));
+  Workers::get().run(chunks, [&](int64_t c) {
+    const int64_t b = c / chunks_per_row, first = (c % chunks_per_row) * kBackwardTilesPerChunk;
+    const int64_t last = std::min(tiles_per_row, first + kBackwardTilesPerChunk);
+    std::vector<vf> acc(static_cast<size_t>(size), splat(0.0f));
+    run_tiles(b, first, last, acc.data());
+    float* out = partial.data() + c * size;
+    for (int64_t w = 0; w < size; ++w) {
+      float total = 0.0f;
+      for (int l = 0; l < kLanes; ++l) total += acc[w][l];
+      out[w] = total;
+    }
+  });
+  for (int64_t b = 0; b < batch; ++b) {
+    float* row = dphi + b * size;
+    std::fill(row, row + size, 0.0f);
+    for (int64_t c = b * chunks_per_row; c < (b + 1) * chunks_per_row; ++c) {
+      const float* part = partial.data() + c * size;
+      for (int64_t w = 0; w < size; ++w) row[w] += part[w];
+    }
+  }
+}
+
 template <int H, int D1, int D2>
 ffi::Error RunBackward(const BackwardProblem& pr, float* dphi) {
   using K = Kernel<H, D1, D2>;
@@ -788,32 +825,11 @@ ffi::Error RunBackward(const BackwardProblem& pr, float* dphi) {
   fp.raw = pr.raw;
   const K kernel(fp);
   const Backward<H, D1, D2> backward{kernel, pr.phi};
-  const int64_t size = K::phi_size(pr.raw);
-  const int64_t tiles_per_row = (pr.n + kLanes - 1) / kLanes;
-  const int64_t chunks_per_row = (tiles_per_row + kBackwardTilesPerChunk - 1) / kBackwardTilesPerChunk;
-  const int64_t chunks = pr.batch * chunks_per_row;
-  std::vector<float> partial(static_cast<size_t>(chunks * size));
-  Workers::get().run(chunks, [&](int64_t c) {
-    const int64_t b = c / chunks_per_row, first = (c % chunks_per_row) * kBackwardTilesPerChunk;
-    const int64_t last = std::min(tiles_per_row, first + kBackwardTilesPerChunk);
-    std::vector<vf> acc(static_cast<size_t>(size), splat(0.0f));
-    if (pr.raw) backward.template run<true>(pr, b, first, last, acc.data());
-    else backward.template run<false>(pr, b, first, last, acc.data());
-    float* out = partial.data() + c * size;
-    for (int64_t w = 0; w < size; ++w) {
-      float total = 0.0f;
-      for (int l = 0; l < kLanes; ++l) total += acc[w][l];
-      out[w] = total;
-    }
+  SumPhiCotangent(pr.batch, pr.n, K::phi_size(pr.raw), dphi,
+                  [&](int64_t b, int64_t first, int64_t last, vf* acc) {
+    if (pr.raw) backward.template run<true>(pr, b, first, last, acc);
+    else backward.template run<false>(pr, b, first, last, acc);
   });
-  for (int64_t b = 0; b < pr.batch; ++b) {
-    float* row = dphi + b * size;
-    std::fill(row, row + size, 0.0f);
-    for (int64_t c = b * chunks_per_row; c < (b + 1) * chunks_per_row; ++c) {
-      const float* part = partial.data() + c * size;
-      for (int64_t w = 0; w < size; ++w) row[w] += part[w];
-    }
-  }
   return ffi::Error::Success();
 }
 
@@ -840,6 +856,301 @@ ffi::Error Optim4RLBackwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32>
   return WithSizes(hidden, head1, head2, phi_size, raw, [&](auto sizes) {
     using S = decltype(sizes);
     return RunBackward<S::H, S::D1, S::D2>(pr, dphi->typed_data());
+  });
+}
+
+// ---- The one-GRU baselines, L2L and Lin ----------------------------------------------------
+//
+// The same machinery for _SingleGRU's networks (gru_optimizers.py): one GRU cell, one head with
+// Out outputs, and the baseline's update rule; forward and backward passes as above. Layout:
+// g [B, N], h [B, H, N]; phi packed as gru: wi [I, 3H], wh [H, 3H], b [3H], bhn [H], then the
+// head's layers (w [in, out], b [out]), Out outputs:
+//   L2L (I = 2, Out = 1): x = l2l_features(g) = (log(|g| + eps) / p, sign g) where that log is
+//        >= -p, else (−1, e^p · g); direction exp(o) · g.
+//   Lin (I = 1, Out = 3): x = g; direction exp(o1) · g + exp(o2) · o3.
+
+// A head with Out outputs, its hidden activations (after ReLU) kept in a and b.
+template <int H, int D1, int D2, int Out>
+O4R_INLINE void head_out(const Layer* layers, const vf* h, vf* a, vf* b, vf* out) {
+  if constexpr (D1 == 0) {
+    dense<H, Out, false>(layers[0], h, out);
+  } else {
+    dense<H, D1, true>(layers[0], h, a);
+    dense<D1, D2, true>(layers[1], a, b);
+    dense<D2, Out, false>(layers[2], b, out);
+  }
+}
+
+// dout[Out] (cotangents of the head's outputs) -> dh (added); weight cotangents added to gl.
+template <int H, int D1, int D2, int Out>
+O4R_INLINE void head_out_backward(const Layer* layers, const LayerGrads* gl, const vf* h,
+                                  const vf* a, const vf* b, const vf* dout, vf* dh) {
+  if constexpr (D1 == 0) {
+    dense_backward<H, Out>(layers[0], gl[0], h, dout, dh);
+  } else {
+    vf db[D2], da[D1];
+    for (int i = 0; i < D2; ++i) db[i] = splat(0.0f);
+    for (int i = 0; i < D1; ++i) da[i] = splat(0.0f);
+    dense_backward<D2, Out>(layers[2], gl[2], b, dout, db);
+    for (int i = 0; i < D2; ++i) db[i] = select(b[i] > 0.0f, db[i], splat(0.0f));
+    dense_backward<D1, D2>(layers[1], gl[1], a, db, da);
+    for (int i = 0; i < D1; ++i) da[i] = select(a[i] > 0.0f, da[i], splat(0.0f));
+    dense_backward<H, D1>(layers[0], gl[0], h, da, dh);
+  }
+}
+
+// `rows` rows of n floats of one batch member, from `base`.
+struct RowsIn { const float* base; int rows; };
+struct RowsOut { float* base; int rows; };
+
+// f(inputs, outputs, stride) on the tile of 16 coordinates at `start` of rows of n floats: on
+// the rows themselves where the tile is whole, else (the last, partial tile of a row) through
+// zero-padded copies of at most MaxRows rows each. Outputs may alias inputs: f reads a tile
+// before it writes it.
+template <int MaxRows, size_t NI, size_t NO, typename F>
+O4R_INLINE void on_tile(int64_t n, int64_t start, const std::array<RowsIn, NI>& in,
+                        const std::array<RowsOut, NO>& out, F&& f) {
+  const float* ip[NI];
+  float* op[NO];
+  if (start + kLanes <= n) {
+    for (size_t i = 0; i < NI; ++i) ip[i] = in[i].base + start;
+    for (size_t o = 0; o < NO; ++o) op[o] = out[o].base + start;
+    f(ip, op, n);
+    return;
+  }
+  const int64_t valid = n - start;
+  float ib[NI][MaxRows * kLanes] = {}, ob[NO][MaxRows * kLanes];
+  for (size_t i = 0; i < NI; ++i) {
+    for (int r = 0; r < in[i].rows; ++r)
+      for (int64_t l = 0; l < valid; ++l) ib[i][r * kLanes + l] = in[i].base[r * n + start + l];
+    ip[i] = ib[i];
+  }
+  for (size_t o = 0; o < NO; ++o) op[o] = ob[o];
+  f(ip, op, static_cast<int64_t>(kLanes));
+  for (size_t o = 0; o < NO; ++o)
+    for (int r = 0; r < out[o].rows; ++r)
+      for (int64_t l = 0; l < valid; ++l) out[o].base[r * n + start + l] = ob[o][r * kLanes + l];
+}
+
+constexpr int kRuleL2L = 0, kRuleLin = 1;
+
+struct SingleProblem {
+  const float* phi;
+  const float* g;       // [B, N]
+  const float* h;       // [B, H, N]
+  float* direction;     // forward outputs
+  float* h_out;
+  const float* dd;      // backward: cotangents of the direction and of the new hidden state
+  const float* dh;
+  float* dg;            // backward outputs: cotangents of g and of the hidden state
+  float* dh_in;
+  int64_t batch, n;
+  float p, eps;         // L2L's preprocessing constants
+};
+
+template <int H, int D1, int D2, int Rule>
+struct Single {
+  static constexpr int I = Rule == kRuleL2L ? 2 : 1;
+  static constexpr int Out = Rule == kRuleL2L ? 1 : 3;
+  static constexpr int kLayers = D1 == 0 ? 1 : 3;
+  static constexpr int A = D1 == 0 ? 1 : D1, B = D2 == 0 ? 1 : D2;
+  const float* phi;
+  GruWeights cell;
+  Layer head[3];
+  float p, eps, exp_p;
+
+  static int64_t phi_size() {
+    const int64_t gru_size = I * 3 * H + H * 3 * H + 3 * H + H;
+    return gru_size + (D1 == 0 ? H * Out + Out : H * D1 + D1 + D1 * D2 + D2 + D2 * Out + Out);
+  }
+
+  Single(const float* phi_, float p_, float eps_)
+      : phi(phi_), p(p_), eps(eps_), exp_p(std::exp(p_)) {
+    const float* q = Kernel<H, D1, D2>::take_gru(phi_, I, &cell);
+    const int sizes[4] = {H, D1, D2, Out};
+    if (D1 == 0) {
+      head[0] = {q, q + H * Out};
+      return;
+    }
+    for (int l = 0; l < 3; ++l) {
+      head[l].w = q; q += sizes[l] * sizes[l + 1];
+      head[l].b = q; q += sizes[l + 1];
+    }
+  }
+
+  // What the GRU reads; for L2L, `large` says which branch of the preprocessing each lane took.
+  O4R_INLINE void features(vf g, vf* x, vi* large) const {
+    if constexpr (Rule == kRuleL2L) {
+      const vf scaled_log = vlog(select(g < 0.0f, -g, g) + eps) / p;
+      *large = scaled_log >= -1.0f;
+      x[0] = select(*large, scaled_log, splat(-1.0f));
+      x[1] = select(*large, vsign(g), exp_p * g);
+    } else {
+      x[0] = g;
+    }
+  }
+
+  O4R_INLINE void forward_tile(const float* const* in, float* const* out, int64_t stride) const {
+    const vf g = load(in[0]);
+    vf h[H], h_new[H], x[I], a[A], b[B], o[Out];
+    vi large;
+    for (int k = 0; k < H; ++k) h[k] = load(in[1] + k * stride);
+    features(g, x, &large);
+    gru<H, I>(cell, x, h, h_new);
+    head_out<H, D1, D2, Out>(head, h_new, a, b, o);
+    if constexpr (Rule == kRuleL2L) store(out[0], vexp(o[0]) * g);
+    else store(out[0], vexp(o[0]) * g + vexp(o[1]) * o[2]);
+    for (int k = 0; k < H; ++k) store(out[1] + k * stride, h_new[k]);
+  }
+
+  void forward(const SingleProblem& pr, int64_t first, int64_t last) const {
+    const int64_t n = pr.n, tiles_per_row = (n + kLanes - 1) / kLanes;
+    for (int64_t t = first; t < last; ++t) {
+      const int64_t row = t / tiles_per_row;
+      on_tile<H>(n, (t % tiles_per_row) * kLanes,
+                 std::array<RowsIn, 2>{{{pr.g + row * n, 1}, {pr.h + row * H * n, H}}},
+                 std::array<RowsOut, 2>{{{pr.direction + row * n, 1}, {pr.h_out + row * H * n, H}}},
+                 [this](const float* const* in, float* const* out, int64_t stride) {
+                   forward_tile(in, out, stride);
+                 });
+    }
+  }
+
+  // in: g, h, dd, dh; out: dg, dh_in. φ's cotangent added (lane-wise) to gg and gl.
+  O4R_INLINE void backward_tile(const float* const* in, float* const* out, int64_t stride,
+                                const GruGrads& gg, const LayerGrads* gl) const {
+    const vf g = load(in[0]);
+    vf h[H], h_new[H], r[H], z[H], c[H], hn[H], x[I], a[A], b[B], o[Out];
+    vi large;
+    for (int k = 0; k < H; ++k) h[k] = load(in[1] + k * stride);
+    features(g, x, &large);
+    gru_cached<H, I>(cell, x, h, h_new, r, z, c, hn);
+    head_out<H, D1, D2, Out>(head, h_new, a, b, o);
+    const vf dd = load(in[2]);
+    vf dout[Out], dg;
+    const vf e0 = vexp(o[0]);
+    dout[0] = dd * e0 * g;
+    dg = dd * e0;
+    if constexpr (Rule == kRuleLin) {
+      const vf e1 = vexp(o[1]);
+      dout[1] = dd * e1 * o[2];
+      dout[2] = dd * e1;
+    }
+    vf dnew[H], dx[I], dh[H];
+    for (int k = 0; k < H; ++k) dnew[k] = load(in[3] + k * stride);
+    head_out_backward<H, D1, D2, Out>(head, gl, h_new, a, b, dout, dnew);
+    gru_backward<H, I>(cell, gg, x, h, r, z, c, hn, dnew, dx, dh);
+    if constexpr (Rule == kRuleL2L) {
+      // d/dg log(|g| + eps) / p = ±1 / (p (|g| + eps)) (+1 at g = 0, as JAX's abs); sign(g) has
+      // derivative 0 and e^p · g derivative e^p.
+      const vf abs_slope = select(g >= 0.0f, splat(1.0f), splat(-1.0f));
+      const vf a_g = select(g < 0.0f, -g, g);
+      dg += select(large, dx[0] / p * abs_slope / (a_g + eps), dx[1] * exp_p);
+    } else {
+      dg += dx[0];
+    }
+    store(out[0], dg);
+    for (int k = 0; k < H; ++k) store(out[1] + k * stride, dh[k]);
+  }
+
+  void backward(const SingleProblem& pr, int64_t row, int64_t first, int64_t last, vf* acc) const {
+    const GruGrads gg{acc + (cell.wi - phi), acc + (cell.wh - phi), acc + (cell.b - phi),
+                      acc + (cell.bhn - phi)};
+    LayerGrads gl[3];
+    for (int l = 0; l < kLayers; ++l) gl[l] = {acc + (head[l].w - phi), acc + (head[l].b - phi)};
+    const int64_t n = pr.n, r1 = row * n, rh = row * H * n;
+    for (int64_t t = first; t < last; ++t) {
+      on_tile<H>(n, t * kLanes,
+                 std::array<RowsIn, 4>{{{pr.g + r1, 1}, {pr.h + rh, H}, {pr.dd + r1, 1}, {pr.dh + rh, H}}},
+                 std::array<RowsOut, 2>{{{pr.dg + r1, 1}, {pr.dh_in + rh, H}}},
+                 [&](const float* const* in, float* const* out, int64_t stride) {
+                   backward_tile(in, out, stride, gg, gl);
+                 });
+    }
+  }
+};
+
+// Calls f(Single<...>) for the sizes and rules this build supports, after checking phi's size.
+template <typename F>
+ffi::Error WithSingle(int64_t hidden, int64_t head1, int64_t head2, int64_t rule, int64_t phi_size,
+                      const SingleProblem& pr, F f) {
+  auto checked = [&](auto kernel) {
+    if (phi_size != decltype(kernel)::phi_size())
+      return ffi::Error::InvalidArgument("phi has the wrong size");
+    f(kernel);
+    return ffi::Error::Success();
+  };
+  if (rule != kRuleL2L && rule != kRuleLin) return ffi::Error::InvalidArgument("unknown rule");
+  const bool l2l = rule == kRuleL2L;
+  if (hidden == 8 && head1 == 16 && head2 == 16) {
+    if (l2l) return checked(Single<8, 16, 16, kRuleL2L>(pr.phi, pr.p, pr.eps));
+    return checked(Single<8, 16, 16, kRuleLin>(pr.phi, pr.p, pr.eps));
+  }
+  if (hidden == 8 && head1 == 0 && head2 == 0) {
+    if (l2l) return checked(Single<8, 0, 0, kRuleL2L>(pr.phi, pr.p, pr.eps));
+    return checked(Single<8, 0, 0, kRuleLin>(pr.phi, pr.p, pr.eps));
+  }
+  return ffi::Error::InvalidArgument("unsupported sizes");
+}
+
+ffi::Error SingleForwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g,
+                             ffi::Buffer<ffi::F32> h, ffi::ResultBuffer<ffi::F32> direction,
+                             ffi::ResultBuffer<ffi::F32> h_out, int64_t hidden, int64_t head1,
+                             int64_t head2, int64_t rule, float p, float eps) {
+  auto dims = g.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("g must be [batch, n]");
+  SingleProblem pr{};
+  pr.phi = phi.typed_data();
+  pr.g = g.typed_data();
+  pr.h = h.typed_data();
+  pr.direction = direction->typed_data();
+  pr.h_out = h_out->typed_data();
+  pr.batch = dims[0];
+  pr.n = dims[1];
+  pr.p = p;
+  pr.eps = eps;
+  if (pr.batch * pr.n == 0) return ffi::Error::Success();
+  return WithSingle(hidden, head1, head2, rule, phi.element_count(), pr, [&](const auto& kernel) {
+    const int64_t total = pr.batch * ((pr.n + kLanes - 1) / kLanes);
+    const int64_t chunks = (total + kTilesPerChunk - 1) / kTilesPerChunk;
+    Workers::get().run(chunks, [&kernel, &pr, total](int64_t c) {
+      kernel.forward(pr, c * kTilesPerChunk, std::min(total, (c + 1) * kTilesPerChunk));
+    });
+  });
+}
+
+ffi::Error SingleBackwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g,
+                              ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> dd,
+                              ffi::Buffer<ffi::F32> dh, ffi::ResultBuffer<ffi::F32> dphi,
+                              ffi::ResultBuffer<ffi::F32> dg, ffi::ResultBuffer<ffi::F32> dh_in,
+                              int64_t hidden, int64_t head1, int64_t head2, int64_t rule, float p,
+                              float eps) {
+  auto dims = g.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("g must be [batch, n]");
+  SingleProblem pr{};
+  pr.phi = phi.typed_data();
+  pr.g = g.typed_data();
+  pr.h = h.typed_data();
+  pr.dd = dd.typed_data();
+  pr.dh = dh.typed_data();
+  pr.dg = dg->typed_data();
+  pr.dh_in = dh_in->typed_data();
+  pr.batch = dims[0];
+  pr.n = dims[1];
+  pr.p = p;
+  pr.eps = eps;
+  const int64_t phi_size = phi.element_count();
+  if (dphi->element_count() != pr.batch * phi_size)
+    return ffi::Error::InvalidArgument("dphi must be [batch, phi size]");
+  if (pr.batch * pr.n == 0) {
+    std::fill(dphi->typed_data(), dphi->typed_data() + dphi->element_count(), 0.0f);
+    return ffi::Error::Success();
+  }
+  return WithSingle(hidden, head1, head2, rule, phi_size, pr, [&](const auto& kernel) {
+    SumPhiCotangent(pr.batch, pr.n, phi_size, dphi->typed_data(),
+                    [&](int64_t row, int64_t first, int64_t last, vf* acc) {
+                      kernel.backward(pr, row, first, last, acc);
+                    });
   });
 }
 
@@ -881,7 +1192,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Optim4RLBackward, Optim4RLBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()));
 
-// The sizes this build supports, for the Python side to check before it calls.
+template <typename Binding>
+auto WithSingleAttributes(Binding binding) {
+  return std::move(binding).template Attr<int64_t>("hidden")
+      .template Attr<int64_t>("head1")
+      .template Attr<int64_t>("head2")
+      .template Attr<int64_t>("rule")
+      .template Attr<float>("p")
+      .template Attr<float>("eps");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SingleForward, SingleForwardImpl,
+                              WithSingleAttributes(ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SingleBackward, SingleBackwardImpl,
+                              WithSingleAttributes(ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()));
+
+// The sizes this build supports (both kernels), for the Python side to check before it calls.
 extern "C" int optim4rl_native_supports(int64_t hidden, int64_t head1, int64_t head2) {
   return hidden == 8 && ((head1 == 16 && head2 == 16) || (head1 == 0 && head2 == 0));
 }
