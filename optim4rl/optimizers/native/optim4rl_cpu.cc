@@ -231,17 +231,38 @@ O4R_INLINE void dense(const Layer& layer, const vf* x, vf* out) {
   }
 }
 
-template <int H, int D1, int D2>
-O4R_INLINE vf head(const Layer* layers, const vf* h) {
-  vf out[1];
+// A head with Out outputs, its hidden activations (after ReLU) kept in a and b.
+template <int H, int D1, int D2, int Out>
+O4R_INLINE void head_out(const Layer* layers, const vf* h, vf* a, vf* b, vf* out) {
   if constexpr (D1 == 0) {
-    dense<H, 1, false>(layers[0], h, out);
+    dense<H, Out, false>(layers[0], h, out);
   } else {
-    vf a[D1], b[D2];
     dense<H, D1, true>(layers[0], h, a);
     dense<D1, D2, true>(layers[1], a, b);
-    dense<D2, 1, false>(layers[2], b, out);
+    dense<D2, Out, false>(layers[2], b, out);
   }
+}
+
+// Where a head's layers lie in the packed phi (w [in, out], b [out] per layer); returns the end.
+template <int H, int D1, int D2, int Out>
+const float* take_head(const float* p, Layer* layers) {
+  if (D1 == 0) {
+    layers[0] = {p, p + H * Out};
+    return p + H * Out + Out;
+  }
+  const int sizes[4] = {H, D1, D2, Out};
+  for (int l = 0; l < 3; ++l) {
+    layers[l].w = p; p += sizes[l] * sizes[l + 1];
+    layers[l].b = p; p += sizes[l + 1];
+  }
+  return p;
+}
+
+// Optim4RL's heads: one output.
+template <int H, int D1, int D2>
+O4R_INLINE vf head(const Layer* layers, const vf* h) {
+  vf a[D1 == 0 ? 1 : D1], b[D2 == 0 ? 1 : D2], out[1];
+  head_out<H, D1, D2, 1>(layers, h, a, b, out);
   return out[0];
 }
 
@@ -271,25 +292,12 @@ struct Kernel {
     w->bhn = p; p += H;
     return p;
   }
-  static const float* take_head(const float* p, Layer* layers) {
-    const int sizes[4] = {H, D1, D2, 1};
-    if (D1 == 0) {
-      layers[0] = {p, p + H};
-      return p + H + 1;
-    }
-    for (int l = 0; l < 3; ++l) {
-      layers[l].w = p; p += sizes[l] * sizes[l + 1];
-      layers[l].b = p; p += sizes[l + 1];
-    }
-    return p;
-  }
-
   explicit Kernel(const Problem& pr) {
     const float* p = pr.phi;
     p = take_gru(p, pr.raw ? 1 : 2, &gru_m);
-    p = take_head(p, head_m);
+    p = take_head<H, D1, D2, 1>(p, head_m);
     p = take_gru(p, 1, &gru_v);
-    take_head(p, head_v);
+    take_head<H, D1, D2, 1>(p, head_v);
   }
 
   static int64_t phi_size(bool raw) {
@@ -627,33 +635,18 @@ O4R_INLINE void dense_backward(const Layer& layer, const LayerGrads& gl, const v
   }
 }
 
-// A head's output again, keeping its hidden activations (after ReLU) in a and b.
-template <int H, int D1, int D2>
-O4R_INLINE vf head_cached(const Layer* layers, const vf* h, vf* a, vf* b) {
-  vf out[1];
+// dout[Out] (cotangents of the head's outputs) -> dh (added); weight cotangents added to gl.
+template <int H, int D1, int D2, int Out>
+O4R_INLINE void head_out_backward(const Layer* layers, const LayerGrads* gl, const vf* h,
+                                  const vf* a, const vf* b, const vf* dout, vf* dh) {
   if constexpr (D1 == 0) {
-    dense<H, 1, false>(layers[0], h, out);
-  } else {
-    dense<H, D1, true>(layers[0], h, a);
-    dense<D1, D2, true>(layers[1], a, b);
-    dense<D2, 1, false>(layers[2], b, out);
-  }
-  return out[0];
-}
-
-// dout (cotangent of the head's output) -> dh (added).
-template <int H, int D1, int D2>
-O4R_INLINE void head_backward(const Layer* layers, const LayerGrads* gl, const vf* h, const vf* a,
-                              const vf* b, vf dout, vf* dh) {
-  vf d[1] = {dout};
-  if constexpr (D1 == 0) {
-    dense_backward<H, 1>(layers[0], gl[0], h, d, dh);
+    dense_backward<H, Out>(layers[0], gl[0], h, dout, dh);
   } else {
     vf db[D2], da[D1];
     for (int i = 0; i < D2; ++i) db[i] = splat(0.0f);
     for (int i = 0; i < D1; ++i) da[i] = splat(0.0f);
-    dense_backward<D2, 1>(layers[2], gl[2], b, d, db);
-    for (int i = 0; i < D2; ++i) db[i] = select(b[i] > 0.0f, db[i], splat(0.0f));  // jax.nn.relu'
+    dense_backward<D2, Out>(layers[2], gl[2], b, dout, db);
+    for (int i = 0; i < D2; ++i) db[i] = select(b[i] > 0.0f, db[i], splat(0.0f));
     dense_backward<D1, D2>(layers[1], gl[1], a, db, da);
     for (int i = 0; i < D1; ++i) da[i] = select(a[i] > 0.0f, da[i], splat(0.0f));
     dense_backward<H, D1>(layers[0], gl[0], h, da, dh);
@@ -703,8 +696,9 @@ struct Backward {
     }
     gru_cached<H, I>(k.gru_m, xm, hm, hm_new, rm, zm, cm, nm);
     gru_cached<H, 1>(k.gru_v, xv, hv, hv_new, rv, zv, cv, nv);
-    const vf o1 = head_cached<H, D1, D2>(k.head_m, hm_new, am, bm);
-    const vf o2 = head_cached<H, D1, D2>(k.head_v, hv_new, av, bv);
+    vf o1, o2;
+    head_out<H, D1, D2, 1>(k.head_m, hm_new, am, bm, &o1);
+    head_out<H, D1, D2, 1>(k.head_v, hv_new, av, bv, &o2);
     const vf e2 = vexp(o2);
     const vf s = vrsqrt(e2 + pr.eps);
     const vf d = vsign(g) * vexp(o1) * s;
@@ -716,8 +710,8 @@ struct Backward {
       dm[j] = load(dhm_row + j * stride);
       dv[j] = load(dhv_row + j * stride);
     }
-    head_backward<H, D1, D2>(k.head_m, lm, hm_new, am, bm, do1, dm);
-    head_backward<H, D1, D2>(k.head_v, lv, hv_new, av, bv, do2, dv);
+    head_out_backward<H, D1, D2, 1>(k.head_m, lm, hm_new, am, bm, &do1, dm);
+    head_out_backward<H, D1, D2, 1>(k.head_v, lv, hv_new, av, bv, &do2, dv);
     vf dxm[I], dxv[1], dhm[H], dhv[H];
     gru_backward<H, I>(k.gru_m, gm, xm, hm, rm, zm, cm, nm, dm, dxm, dhm);
     gru_backward<H, 1>(k.gru_v, gv, xv, hv, rv, zv, cv, nv, dv, dxv, dhv);
@@ -869,36 +863,6 @@ ffi::Error Optim4RLBackwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32>
 //        >= -p, else (−1, e^p · g); direction exp(o) · g.
 //   Lin (I = 1, Out = 3): x = g; direction exp(o1) · g + exp(o2) · o3.
 
-// A head with Out outputs, its hidden activations (after ReLU) kept in a and b.
-template <int H, int D1, int D2, int Out>
-O4R_INLINE void head_out(const Layer* layers, const vf* h, vf* a, vf* b, vf* out) {
-  if constexpr (D1 == 0) {
-    dense<H, Out, false>(layers[0], h, out);
-  } else {
-    dense<H, D1, true>(layers[0], h, a);
-    dense<D1, D2, true>(layers[1], a, b);
-    dense<D2, Out, false>(layers[2], b, out);
-  }
-}
-
-// dout[Out] (cotangents of the head's outputs) -> dh (added); weight cotangents added to gl.
-template <int H, int D1, int D2, int Out>
-O4R_INLINE void head_out_backward(const Layer* layers, const LayerGrads* gl, const vf* h,
-                                  const vf* a, const vf* b, const vf* dout, vf* dh) {
-  if constexpr (D1 == 0) {
-    dense_backward<H, Out>(layers[0], gl[0], h, dout, dh);
-  } else {
-    vf db[D2], da[D1];
-    for (int i = 0; i < D2; ++i) db[i] = splat(0.0f);
-    for (int i = 0; i < D1; ++i) da[i] = splat(0.0f);
-    dense_backward<D2, Out>(layers[2], gl[2], b, dout, db);
-    for (int i = 0; i < D2; ++i) db[i] = select(b[i] > 0.0f, db[i], splat(0.0f));
-    dense_backward<D1, D2>(layers[1], gl[1], a, db, da);
-    for (int i = 0; i < D1; ++i) da[i] = select(a[i] > 0.0f, da[i], splat(0.0f));
-    dense_backward<H, D1>(layers[0], gl[0], h, da, dh);
-  }
-}
-
 // `rows` rows of n floats of one batch member, from `base`.
 struct RowsIn { const float* base; int rows; };
 struct RowsOut { float* base; int rows; };
@@ -966,16 +930,7 @@ struct Single {
 
   Single(const float* phi_, float p_, float eps_)
       : phi(phi_), p(p_), eps(eps_), exp_p(std::exp(p_)) {
-    const float* q = Kernel<H, D1, D2>::take_gru(phi_, I, &cell);
-    const int sizes[4] = {H, D1, D2, Out};
-    if (D1 == 0) {
-      head[0] = {q, q + H * Out};
-      return;
-    }
-    for (int l = 0; l < 3; ++l) {
-      head[l].w = q; q += sizes[l] * sizes[l + 1];
-      head[l].b = q; q += sizes[l + 1];
-    }
+    take_head<H, D1, D2, Out>(Kernel<H, D1, D2>::take_gru(phi_, I, &cell), head);
   }
 
   // What the GRU reads; for L2L, `large` says which branch of the preprocessing each lane took.
@@ -1156,7 +1111,7 @@ ffi::Error SingleBackwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g
 
 }  // namespace
 
-// Both calls take the architecture as the same attributes (native/__init__.py: _attributes).
+// Both calls take the architecture as the same attributes (native/__init__.py: kernel_for).
 template <typename Binding>
 auto WithAttributes(Binding binding) {
   return std::move(binding).template Attr<int64_t>("hidden")
