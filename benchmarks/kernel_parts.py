@@ -12,16 +12,20 @@ feature-major activations ``[features, N]``:
 - a copy of a ``[16, N]`` array (the memory traffic of one layer);
 - the whole optimizer update (``tx.update``: ravel, network, unravel), default and rlc2024, with
   the fused CPU kernel (``optim4rl.optimizers.native``) and as plain JAX (``_jax``), and Adam's,
-  vmapped over the seeds as in the drop-in.
+  vmapped over the seeds as in the drop-in;
+- the meta-gradient of a scalar of that update with respect to the optimizer's meta-parameters
+  ``φ`` (``meta_gradient_*``: the forward pass and the reverse mode, what meta-training runs per
+  inner update), with the kernel and as plain JAX.
 
 Prints ns per coordinate and writes ``benchmarks/results/kernel_parts.json``.
 
-    python benchmarks/kernel_parts.py [--repeats 300] [--output PATH]
+    python benchmarks/kernel_parts.py [--repeats 300] [--only PREFIX ...] [--output PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import pathlib
 import statistics
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from _common import git_commit, machine_info, timed_runs, write_report  # noqa: E402
 
 import optim4rl  # noqa: E402
+from optim4rl import optimizers  # noqa: E402
 from optim4rl.optimizers import native, nets  # noqa: E402
 
 SHAPES = {"dropin_4x9155": (4, 9155), "single_100k": (1, 99_985)}
@@ -101,7 +106,23 @@ def parts(seeds: int, n: int) -> dict:
         table[label] = (update, (stacked_grads, state, params))
         if label != "update_adam":  # the same update with the network as plain JAX
             table[label + "_jax"] = (jax_network(update), (stacked_grads, state, params))
+    for label, opt in {
+        "meta_gradient_optim4rl_default": optimizers.Optim4RL(),
+        "meta_gradient_optim4rl_rlc2024": optimizers.Optim4RL(inputs="raw", head_sizes=()),
+    }.items():
+        phi = opt.init_meta(key)
+        state = jax.vmap(opt.transform(phi, 1e-3).init)(params)
+        grad = jax.grad(functools.partial(meta_loss, opt))
+        table[label] = (grad, (phi, stacked_grads, state, params))
+        table[label + "_jax"] = (jax_network(grad), (phi, stacked_grads, state, params))
     return table
+
+
+def meta_loss(opt, phi, grads, state, params):
+    """A scalar of the update, to differentiate with respect to ``phi``: what meta-training's
+    backward pass runs through the optimizer (its forward pass, then the reverse mode)."""
+    updates, _ = jax.vmap(opt.transform(phi, 1e-3).update)(grads, state, params)
+    return jnp.sum(updates["w"] * jnp.cos(jnp.arange(updates["w"].shape[-1], dtype=jnp.float32)))
 
 
 def main() -> None:
@@ -109,6 +130,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--output", type=pathlib.Path,
                         default=ROOT / "benchmarks" / "results" / "kernel_parts.json")
+    parser.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                        help="time only the parts whose label starts with one of these")
     args = parser.parse_args()
     results = {}
     for shape, (seeds, n) in SHAPES.items():
@@ -116,10 +139,12 @@ def main() -> None:
         rows = {}
         print(f"{shape}: {seeds} x {n:,} = {total:,} coordinates")
         for label, (fn, fn_args) in parts(seeds, n).items():
+            if args.only and not label.startswith(tuple(args.only)):
+                continue
             seconds = median_seconds(fn, fn_args, args.repeats)
             rows[label] = {"median_us": round(seconds * 1e6, 1), "ns_per_coordinate": round(seconds * 1e9 / total, 2),
                            "load_average": round(os.getloadavg()[0], 2)}
-            print(f"  {label:<28}{seconds * 1e6:>10.0f} µs{seconds * 1e9 / total:>9.1f} ns/coord")
+            print(f"  {label:<36}{seconds * 1e6:>10.0f} µs{seconds * 1e9 / total:>9.1f} ns/coord")
         results[shape] = {"seeds": seeds, "coordinates_per_seed": n, "parts": rows}
     write_report(args.output, {
         "benchmark": "kernel_parts",
