@@ -4,9 +4,9 @@ For every optimizer, times one jitted ``tx.update(grads, state, params)`` (media
 each ended by ``block_until_ready``), reports it relative to Adam and per parameter, with the
 update's FLOPs per coordinate (XLA's cost analysis of the compiled update; transcendentals
 counted apart) and the fraction of this CPU's float32 peak it reaches, the peak being measured in
-the same run by a large float32 matmul. Optim4RL's, L2L's and Lin's rows use the fused CPU kernel where it is
-built (``optim4rl.optimizers.native``); the ``_jax`` rows time the same architectures with the
-network as plain JAX, in the same rounds. FLOPs are always those of the JAX network.
+the same run by a large float32 matmul. Optim4RL's, L2L's, Lin's and STAR's rows use the fused
+CPU kernels where they are built (``optim4rl.optimizers.native``); the ``_jax`` rows time the same
+architectures as plain JAX, in the same rounds. FLOPs are always those of the JAX network.
 
 A second figure, "in a loop", is the cost per update inside a jitted ``lax.scan`` of
 ``LOOP_UPDATES`` updates, each applied to the parameters (state and parameters carried, the
@@ -55,9 +55,9 @@ OPTIMIZERS = {  # label: (spec, architecture options)
     "lin": ("lin:init", {}),
     "star": ("star:init", {}),
 }
-# Optim4RL's, L2L's and Lin's rows run through the fused CPU kernel where it is built; these run the same
-# architectures with the network as plain JAX, timed in the same rounds (before/after).
-JAX_NETWORK = ("optim4rl", "optim4rl_raw", "rlc2024", "l2l", "lin")
+# Optim4RL's, L2L's, Lin's and STAR's rows run through the fused CPU kernels where they are built;
+# these run the same architectures as plain JAX, timed in the same rounds (before/after).
+JAX_NETWORK = ("optim4rl", "optim4rl_raw", "rlc2024", "l2l", "lin", "star")
 
 
 def mlp_params(key: jax.Array) -> dict:

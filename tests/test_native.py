@@ -11,6 +11,7 @@ build it would silently run 2x slower.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 
 import jax
@@ -218,6 +219,7 @@ import re
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from optim4rl.optimizers import native
+from optim4rl.optimizers import STAR
 from optim4rl.optimizers.gru_optimizers import L2L, Lin, Optim4RL
 assert jax.device_count() == 4 and native.library() is not None
 n = 1000
@@ -226,7 +228,7 @@ params = jnp.zeros((8, n))
 rows = NamedSharding(Mesh(jax.devices(), ("pop",)), P("pop"))
 
 for opt, target in ((Optim4RL(), "optim4rl_optim4rl"), (L2L(), "optim4rl_single"),
-                    (Lin(), "optim4rl_single")):
+                    (Lin(), "optim4rl_single"), (STAR(), "optim4rl_star")):
     phi = opt.init_meta(jax.random.key(0))
     tx = opt.transform(phi, 1e-3)
     state = jax.vmap(lambda p: tx.init({"w": p}))(params)
@@ -244,7 +246,8 @@ for opt, target in ((Optim4RL(), "optim4rl_optim4rl"), (L2L(), "optim4rl_single"
         args = placed if f.__wrapped__ is update else [phi] + placed
         hlo = f.lower(*args).compile().as_text()
         calls = [l for l in hlo.splitlines() if f'custom_call_target="{target}' in l]
-        assert len(calls) >= (1 if f.__wrapped__ is update else 2), (opt.name, calls)
+        # (STAR's meta-gradient runs its forward kernel, then JAX's VJP.)
+        assert len(calls) >= (1 if f.__wrapped__ is update or opt.name == "star" else 2), (opt.name, calls)
         # Each device runs the kernel on its own 2 of the 8 agents; nothing is gathered for it.
         assert all("f32[2,1000]" in l for l in calls), (opt.name, calls)
         assert not re.search(r"all-gather", hlo), opt.name
@@ -262,7 +265,7 @@ for opt, target in ((Optim4RL(), "optim4rl_optim4rl"), (L2L(), "optim4rl_single"
 
 
 def test_a_sharded_population_runs_the_kernel_on_each_devices_own_agents():
-    """Under jax.sharding the kernels (forward and backward; Optim4RL's and the one-GRU baselines')
+    """Under jax.sharding the kernels (forward and backward; Optim4RL's, the one-GRU baselines' and STAR's)
     run per device on that device's shard of the population, with the same numbers as on one
     device, instead of XLA gathering every input and running the whole call on every device."""
     import os
@@ -273,7 +276,7 @@ def test_a_sharded_population_runs_the_kernel_on_each_devices_own_agents():
     proc = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split("\n")[:3] == ["OK optim4rl", "OK l2l", "OK lin"], proc.stdout
+    assert proc.stdout.split("\n")[:4] == ["OK optim4rl", "OK l2l", "OK lin", "OK star"], proc.stdout
 
 
 def test_one_phi_per_member_of_a_vmap_runs_through_the_kernel():
@@ -299,3 +302,113 @@ def test_one_phi_per_member_of_a_vmap_runs_through_the_kernel():
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4,
                                    atol=1e-5 * float(np.abs(np.asarray(y)).max()))
+
+
+# STAR: the forward kernel (its meta-gradient is JAX's VJP of the same update). Tensors of
+# awkward sizes: one coordinate, a partial tile, several threads' chunks, an empty one.
+STAR_PARAMS = {"a": (1,), "b": (17,), "c": (33, 70), "d": (0,), "e": (16,)}
+
+
+def star_params(lead=()):
+    keys = jax.random.split(jax.random.key(5), len(STAR_PARAMS))
+    return {name: jax.random.normal(k, lead + shape) for (name, shape), k in zip(STAR_PARAMS.items(), keys)}
+
+
+def star_grads(lead=(), steps=4):
+    streams = {name: gradient_stream(lead + shape, steps, seed=3 + i) if math.prod(shape) else
+               [jnp.zeros(lead + shape)] * steps for i, (name, shape) in enumerate(STAR_PARAMS.items())}
+    return [{name: streams[name][t] for name in STAR_PARAMS} for t in range(steps)]
+
+
+def star_steps(opt, phi, lead, use_native):
+    """(updates, state) after each of 4 steps, vmapped over the `lead` axes, jitted afresh."""
+    with contextlib.nullcontext() if use_native else native.disabled():
+        tx = opt.transform(phi, learning_rate=1e-3)
+        init, update = tx.init, tx.update
+        for _ in lead:
+            init, update = jax.vmap(init), jax.vmap(update)
+        step = jax.jit(lambda g, s, p: update(g, s, p))
+        params = star_params(lead)
+        state = init(params)
+        outputs = []
+        for g in star_grads(lead):
+            delta, state = step(g, state, params)
+            params = jax.tree.map(lambda p, d: p + d, params, delta)
+            outputs.append(jax.tree.map(np.asarray, (delta, state)))
+    return outputs
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 2)], ids=["single", "population", "nested"])
+def test_the_star_kernel_equals_the_jax_update(lead):
+    from optim4rl.optimizers import STAR
+    opt = STAR()
+    assert native.star_supported(opt)
+    phi = perturbed_phi(opt, scale=0.1)
+    fused = star_steps(opt, phi, lead, use_native=True)
+    plain = star_steps(opt, phi, lead, use_native=False)
+    for step, (a, b) in enumerate(zip(fused, plain)):
+        for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+            if x.dtype == np.int32:  # the step count
+                np.testing.assert_array_equal(x, y)
+                continue
+            scale = float(np.abs(y).max()) if y.size else 0.0
+            np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6 * scale + 1e-30,
+                                       err_msg=f"step {step} {jax.tree_util.keystr(path)}")
+    assert np.any(fused[-1][0]["c"] != 0.0)
+
+
+def test_star_meta_gradients_through_the_kernel_equal_the_jax_ones():
+    from optim4rl.optimizers import STAR
+    opt = STAR()
+    phi = perturbed_phi(opt, scale=0.1)
+
+    def meta_loss(phi):
+        tx = opt.transform(phi, 1e-2)
+        params = star_params((2,))
+        state = jax.vmap(tx.init)(params)
+        for g in star_grads((2,), steps=3):
+            g = jax.tree.map(lambda g, p: g + 0.1 * p, g, params)  # gradients that follow the params
+            delta, state = jax.vmap(tx.update)(g, state, params)
+            params = jax.tree.map(lambda p, d: p + d, params, delta)
+        return sum(jnp.sum(jnp.square(p - 0.5)) for p in jax.tree.leaves(params))
+
+    ga = jax.jit(jax.grad(meta_loss))(phi)
+    with native.disabled():
+        gb = jax.jit(jax.grad(meta_loss))(phi)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree.leaves(gb)):
+        y = np.asarray(y)
+        assert np.abs(y).max() > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(np.asarray(x), y, rtol=1e-4, atol=1e-5 * float(np.abs(y).max()),
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_star_kernel_is_traced_into_the_update_and_other_sizes_run_as_jax():
+    from optim4rl.optimizers import STAR
+    params = {"w": jnp.ones((100,))}
+
+    def text(opt):
+        tx = opt.transform(opt.init_meta(jax.random.key(0)), 1e-3)
+        return jax.jit(lambda g, s, p: tx.update(g, s, p)).lower(params, tx.init(params), params).as_text()
+
+    assert native.STAR_TARGET in text(STAR())
+    for other in (STAR(hidden_size=8), STAR(hidden_layers=1), STAR(momentum_decays=(0.9, 0.99),
+                                                                   adafactor_decays=(0.9, 0.99))):
+        assert not native.star_supported(other)
+        assert native.STAR_TARGET not in text(other)
+    with native.disabled():
+        assert native.STAR_TARGET not in text(STAR())
+
+
+def test_a_non_finite_gradient_makes_its_tensors_star_update_non_finite_as_in_jax():
+    # STAR normalises each feature over its tensor: a nan gradient makes that whole tensor's
+    # update nan (in JAX and in the kernel alike); the other tensors stay finite.
+    from optim4rl.optimizers import STAR
+    opt = STAR()
+    params = {"a": jnp.ones((40,)), "b": jnp.ones((20,))}
+    grads = {"a": jnp.full((40,), 1e-3).at[7].set(jnp.nan), "b": jnp.full((20,), 1e-3)}
+    for use_native in (True, False):
+        with contextlib.nullcontext() if use_native else native.disabled():
+            tx = opt.transform(opt.init_meta(jax.random.key(0)), 1e-3)
+            delta, _ = jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, tx.init(params), params)
+        assert np.isnan(np.asarray(delta["a"])).all(), use_native
+        assert np.isfinite(np.asarray(delta["b"])).all(), use_native

@@ -16,11 +16,16 @@ One deliberate difference: learned_optimization factors the adafactor accumulato
 tensors into row and column statistics. Here every coordinate keeps its own (diagonal)
 accumulators, which is what the reference does for 0-D and 1-D tensors; it keeps the optimizer
 strictly coordinate-wise, so all leaves are processed as one flat batch.
+
+On a CPU the update runs as a fused kernel (``native.star_forward``: two passes over each
+tensor, the first for the features' statistics); its meta-gradient is the VJP of the same update
+as JAX (:meth:`STAR.update_rule`), the forward pass recomputed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import ClassVar, NamedTuple
 
 import jax
@@ -29,6 +34,7 @@ import numpy as np
 
 from optim4rl.optimizers.base import (LearnedOptimizer, MetaParams, check_positive,
                                       freeze_sequences)
+from optim4rl.optimizers import native
 from optim4rl.optimizers.nets import dense_apply
 
 Array = jax.Array
@@ -144,32 +150,51 @@ class STAR(LearnedOptimizer):
         ], axis=0)
 
     def step(self, phi, grads, state, params, learning_rate, leaf_sizes):
-        g = grads[None]
-        g_square = jnp.square(g)
-        decay_m = learned_decay(self.momentum_decays, phi["momentum_decay_shift"])[:, None]
+        decay_m = learned_decay(self.momentum_decays, phi["momentum_decay_shift"])
         # As in learned_optimization, only the second-moment decays are clipped to [0, 1].
         decay_r = jnp.clip(learned_decay(self.rms_decays, phi["rms_decay_shift"]), 0.0, 1.0)
         decay_f = jnp.clip(learned_decay(self.adafactor_decays, phi["adafactor_decay_shift"]),
                            0.0, 1.0)
-        decay_r, decay_f = decay_r[:, None], decay_f[:, None]
-        momentum = decay_m * state.momentum + (1.0 - decay_m) * g
-        rms = decay_r * state.rms + (1.0 - decay_r) * g_square
-        adafactor = decay_f * state.adafactor + (1.0 - decay_f) * (g_square + 1e-30)
-
         # The step embedding is the same for every coordinate: fold it into the first bias
         # instead of broadcasting an [11, N] block.
         mlp = phi["mlp"]
         first = mlp["dense0"]
         embedding_bias = step_embedding(state.count) @ first["w"][self.num_features:] + first["b"]
-        feature_weights = first["w"][:self.num_features]
+        layers = [{"w": first["w"][:self.num_features], "b": embedding_bias}]
+        layers += [mlp[f"dense{i}"] for i in range(1, len(mlp))]
+        lr = jnp.asarray(learning_rate, jnp.float32)
+        accumulators = (state.momentum, state.rms, state.adafactor)
+        if native.star_supported(self):  # the fused CPU kernel, forward; its VJP as JAX
+            coef = _pack(decay_m, decay_r, decay_f, layers, lr)
+            delta, *accumulators = _star_kernel(self, tuple(leaf_sizes), coef, grads, params,
+                                                *accumulators)
+        else:
+            delta, *accumulators = self.update_rule((decay_m, decay_r, decay_f), layers, lr, grads,
+                                                    params, *accumulators, leaf_sizes=leaf_sizes)
+        return delta, STARState(*accumulators, state.count + 1)
+
+    def update_rule(self, decays, layers, learning_rate, grads, params, momentum, rms, adafactor,
+                    leaf_sizes):
+        """``(delta, momentum', rms', adafactor')`` from the decays and the MLP's layers (the first
+        one's bias with the step embedding folded in), as JAX."""
+        g = grads[None]
+        g_square = jnp.square(g)
+        decay_m, decay_r, decay_f = (d[:, None] for d in decays)
+        momentum = decay_m * momentum + (1.0 - decay_m) * g
+        rms = decay_r * rms + (1.0 - decay_r) * g_square
+        adafactor = decay_f * adafactor + (1.0 - decay_f) * (g_square + 1e-30)
+
         # Each feature is divided by its root mean square over the coordinates of each tensor
         # (the tensors are the contiguous runs of leaf_sizes coordinates; static slices, as an
         # index array of N leaf ids would be a constant as large as the agent). The division is
         # folded into a per-tensor copy of the first layer's weights, so the [num_features, n]
         # features of a tensor are written once and read twice (statistics, first layer) instead
         # of being rescaled and concatenated into a second [num_features, N] array.
+        feature_weights, embedding_bias = layers[0]["w"], layers[0]["b"]
         hidden, start = [], 0
         for size in leaf_sizes:
+            if size == 0:  # an empty tensor: no features, and its mean (nan) must not reach φ
+                continue
             part = slice(start, start + size)
             features = self.features(grads[part], params[part], momentum[:, part], rms[:, part],
                                      adafactor[:, part])
@@ -177,13 +202,70 @@ class STAR(LearnedOptimizer):
             hidden.append(dense_apply({"w": scale[:, None] * feature_weights, "b": embedding_bias},
                                       features))
             start += size
-        x = jnp.concatenate(hidden, axis=1) if len(hidden) > 1 else hidden[0]
-        for i in range(1, len(mlp)):
-            x = dense_apply(mlp[f"dense{i}"], jax.nn.relu(x))
+        if len(hidden) != 1:  # (no coordinates at all: an empty [hidden, 0] block)
+            hidden = hidden or [jnp.zeros((embedding_bias.shape[-1], 0), jnp.float32)]
+            x = jnp.concatenate(hidden, axis=1)
+        else:
+            x = hidden[0]
+        for layer in layers[1:]:
+            x = dense_apply(layer, jax.nn.relu(x))
         direction, magnitude = x[0], x[1]
 
         learned_step = direction * jnp.exp(self.exp_mult * magnitude) * learning_rate
         adam = momentum * jax.lax.rsqrt(rms + 1e-6)
-        nominal_step = (self.nominal_stepsize * np.exp(self.exp_mult)) * jnp.mean(adam, axis=0)
-        delta = -(learned_step + nominal_step)
-        return delta, STARState(momentum, rms, adafactor, state.count + 1)
+        nominal_step = self.nominal * jnp.mean(adam, axis=0)
+        return -(learned_step + nominal_step), momentum, rms, adafactor
+
+    @property
+    def nominal(self) -> float:
+        """The nominal Adam-like step's factor, ``nominal_stepsize · exp(exp_mult)``."""
+        return float(self.nominal_stepsize * np.exp(self.exp_mult))
+
+
+# The kernel's coefficient row (native.star_forward, optim4rl_cpu.cc): the decays, the layers
+# (first: feature weights [28, 4] and the bias with the step embedding; then [4, 4] and [4, 2])
+# and the learning rate, flat.
+def _pack(decay_m, decay_r, decay_f, layers, learning_rate):
+    leaves = [decay_m, decay_r, decay_f]
+    for layer in layers:
+        leaves += [layer["w"], layer["b"]]
+    return jnp.concatenate([jnp.ravel(x).astype(jnp.float32) for x in leaves + [learning_rate]])
+
+
+def _unpack(opt: STAR, coef):
+    n_m, n_r, n_f = len(opt.momentum_decays), len(opt.rms_decays), len(opt.adafactor_decays)
+    sizes = [opt.num_features] + [opt.hidden_size] * opt.hidden_layers + [2]
+    shapes = [(n_m,), (n_r,), (n_f,)]
+    for i in range(len(sizes) - 1):
+        shapes += [(sizes[i], sizes[i + 1]), (sizes[i + 1],)]
+    pieces, offset = [], 0
+    for shape in shapes + [()]:
+        size = int(np.prod(shape))
+        pieces.append(coef[offset:offset + size].reshape(shape))
+        offset += size
+    decays, rest, learning_rate = pieces[:3], pieces[3:-1], pieces[-1]
+    layers = [{"w": w, "b": b} for w, b in zip(rest[::2], rest[1::2])]
+    return tuple(decays), layers, learning_rate
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _star_kernel(opt, leaf_sizes, coef, grads, params, momentum, rms, adafactor):
+    return native.star_forward(coef, grads, params, momentum, rms, adafactor, leaf_sizes,
+                               opt.exp_mult, opt.nominal)
+
+
+def _star_kernel_fwd(opt, leaf_sizes, *operands):
+    return _star_kernel(opt, leaf_sizes, *operands), operands
+
+
+def _star_kernel_bwd(opt, leaf_sizes, operands, cotangents):
+    # The meta-gradient: the VJP of the same update as JAX (the forward pass recomputed).
+    def rule(coef, *columns):
+        decays, layers, learning_rate = _unpack(opt, coef)
+        return opt.update_rule(decays, layers, learning_rate, *columns, leaf_sizes=leaf_sizes)
+
+    _, vjp = jax.vjp(rule, *operands)
+    return vjp(tuple(cotangents))
+
+
+_star_kernel.defvjp(_star_kernel_fwd, _star_kernel_bwd)

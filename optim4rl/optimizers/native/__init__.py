@@ -19,7 +19,9 @@ takes through every inner update: cotangents of φ per batch member, of the grad
 hidden states).
 Supported: Optim4RL with hidden size 8 and heads (16, 16) (the default) or linear heads
 (``rlc2024``), both input processings, no learned sign flip; the one-GRU baselines L2L and Lin
-(a second pair of calls, the same machinery) with the same sizes; anything else runs as JAX.
+(a second pair of calls, the same machinery) with the same sizes; STAR's update with its default
+sizes (:func:`star_forward`: forward only, two passes over each tensor for its per-tensor feature
+normalisation; its meta-gradient runs as JAX); anything else runs as JAX.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.custom_batching import sequential_vmap
+from jax.custom_batching import custom_vmap, sequential_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 
 SOURCE = Path(__file__).with_name("optim4rl_cpu.cc")
@@ -50,6 +52,7 @@ TARGET = "optim4rl_optim4rl_forward"
 BACKWARD_TARGET = "optim4rl_optim4rl_backward"
 SINGLE_TARGET = "optim4rl_single_forward"  # L2L and Lin
 SINGLE_BACKWARD_TARGET = "optim4rl_single_backward"
+STAR_TARGET = "optim4rl_star_forward"  # STAR, forward only
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno")
 NATIVE_FLAGS = ("-march=native",)
 
@@ -131,7 +134,8 @@ def library() -> ctypes.CDLL | None:
                                             platform="cpu")
                 for target, symbol in ((BACKWARD_TARGET, lib.Optim4RLBackward),
                                        (SINGLE_TARGET, lib.SingleForward),
-                                       (SINGLE_BACKWARD_TARGET, lib.SingleBackward)):
+                                       (SINGLE_BACKWARD_TARGET, lib.SingleBackward),
+                                       (STAR_TARGET, lib.StarForward)):
                     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
                 lib.optim4rl_native_supports.restype = ctypes.c_int
                 lib.optim4rl_native_supports.argtypes = [ctypes.c_int64] * 3
@@ -353,3 +357,86 @@ def _unbroadcast(d: jax.Array, x: jax.Array) -> jax.Array:
     d = d.sum(axis=tuple(range(extra))) if extra else d
     axes = tuple(i for i, (a, b) in enumerate(zip(d.shape, x.shape)) if a != b)
     return (d.sum(axis=axes, keepdims=True) if axes else d).astype(x.dtype)
+
+
+# STAR's kernel: its default sizes (star.py), the length of one row of its coefficients.
+STAR_SIZES = {"hidden_size": 4, "hidden_layers": 2, "momentum_decays": 3, "rms_decays": 1,
+              "adafactor_decays": 3}
+STAR_COEF = 7 + 28 * 4 + 4 + 16 + 4 + 8 + 2 + 1
+
+
+def star_supported(opt) -> bool:
+    """Whether :func:`star_forward` runs this STAR architecture (on CPU, the kernel built)."""
+    if not _enabled[0] or jax.default_backend() != "cpu":
+        return False
+    sizes = {"hidden_size": opt.hidden_size, "hidden_layers": opt.hidden_layers,
+             "momentum_decays": len(opt.momentum_decays), "rms_decays": len(opt.rms_decays),
+             "adafactor_decays": len(opt.adafactor_decays)}
+    return sizes == STAR_SIZES and library() is not None
+
+
+def star_forward(coef, grads, params, momentum, rms, adafactor, leaf_sizes, exp_mult, nominal):
+    """STAR's update on flat rows (``[..., n]``; accumulators ``[..., 3 | 1 | 3, n]``), the
+    tensors being the runs of ``leaf_sizes`` coordinates: ``(delta, momentum', rms',
+    adafactor')``. ``coef`` (``[..., STAR_COEF]``) packs the decays, the MLP (the step
+    embedding folded into the first bias) and the learning rate, as star.py does. Leading axes
+    are batch axes, one row each; a ``vmap`` adds one more (one call for the whole population),
+    and under ``jax.sharding`` every device runs its own rows. The new accumulators overwrite the
+    old ones in place."""
+    offsets = tuple(int(x) for x in np.cumsum([0, *leaf_sizes]))
+    operands = tuple(jnp.asarray(x, jnp.float32)
+                     for x in (coef, grads, params, momentum, rms, adafactor))
+    return _star_batched(offsets, float(exp_mult), float(nominal))(*operands)
+
+
+@functools.lru_cache(maxsize=None)
+def _star_batched(offsets: tuple[int, ...], exp_mult: float, nominal: float):
+    call = _star_sharded(offsets, exp_mult, nominal)
+
+    def rows(coef, grads, params, momentum, rms, adafactor):
+        lead, n = grads.shape[:-1], grads.shape[-1]
+        batch = math.prod(lead)
+        flat = (coef.reshape(batch, -1), grads.reshape(batch, n), params.reshape(batch, n),
+                momentum.reshape(batch, -1, n), rms.reshape(batch, -1, n),
+                adafactor.reshape(batch, -1, n))
+        outputs = call(*flat)
+        return tuple(out.reshape(x.shape) for out, x in zip(outputs, (grads, momentum, rms, adafactor)))
+
+    batched = custom_vmap(rows)
+
+    @batched.def_vmap
+    def rule(axis_size, in_batched, *operands):  # the vmapped axis becomes one more batch axis
+        operands = [x if b else jnp.broadcast_to(x, (axis_size,) + x.shape)
+                    for x, b in zip(operands, in_batched)]
+        return batched(*operands), (True,) * 4
+
+    return batched
+
+
+def _star_sharded(offsets, exp_mult, nominal):
+    """The custom call on ``[batch, ...]`` rows, each device on its own rows under jax.sharding
+    (as :func:`_sharded`, with the coefficients split by rows too)."""
+    def call(coef, grads, params, momentum, rms, adafactor):
+        out_types = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32)
+                          for x in (grads, momentum, rms, adafactor))
+        ffi = jax.ffi.ffi_call(STAR_TARGET, out_types, input_output_aliases={3: 1, 4: 2, 5: 3})
+        return tuple(ffi(coef, grads, params, momentum, rms, adafactor,
+                         offsets=np.asarray(offsets, np.int64), exp_mult=np.float32(exp_mult),
+                         nominal=np.float32(nominal)))
+
+    def rows_sharding(mesh, shapes):
+        spec = shapes[0].sharding.spec
+        return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(spec[0] if len(spec) else None))
+
+    def infer(mesh, arg_shapes, result_shape):
+        return tuple(rows_sharding(mesh, arg_shapes[1:]) for _ in result_shape)
+
+    def partition(mesh, arg_shapes, result_shape):
+        rows = rows_sharding(mesh, result_shape)
+        return mesh, call, tuple(rows for _ in result_shape), tuple(rows for _ in arg_shapes)
+
+    wrapped = custom_partitioning(call)
+    wrapped.def_partition(partition=partition, infer_sharding_from_operands=infer,
+                          sharding_rule="b c, b n, b n, b m n, b r n, b f n -> b n, b m n, b r n, b f n",
+                          need_replication_factors=("c", "n", "m", "r", "f"))
+    return wrapped

@@ -1118,6 +1118,241 @@ ffi::Error SingleBackwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g
   });
 }
 
+// ---------------------------------------------------------------------------------------------
+// STAR (star.py), forward only: the accumulators' update, the 28 features, their per-tensor
+// normalisation, the MLP 28 -> 4 -> 4 -> 2 and the update, for the default sizes (3 momentum
+// decays, 1 second-moment decay, 3 adafactor decays, two hidden layers of 4). The features are
+// divided by their root mean square over each tensor, so it runs in two passes over a row:
+// pass 1 updates the accumulators (in place) and sums the squared features per tensor; pass 2
+// recomputes the features from the new accumulators and runs the MLP with each tensor's scales
+// folded into a copy of the first layer. The meta-gradient runs as JAX (star.py).
+//
+// coef, one row per batch member (packed by star.py, in this order): momentum decays [3], rms
+// decay [1], adafactor decays [3], first layer's feature weights [28, 4], its bias with the
+// step embedding folded in [4], dense1 w [4, 4], b [4], dense2 w [4, 2], b [2], learning rate.
+constexpr int kStarFeatures = 28, kStarHidden = 4;
+constexpr int kStarCoef = 7 + kStarFeatures * kStarHidden + kStarHidden + 16 + 4 + 8 + 2 + 1;
+
+struct StarProblem {
+  const float *coef, *g, *params, *m, *r, *f;  // [B, 154], [B, N], [B, N], [B, 3|1|3, N]
+  float *delta, *m_out, *r_out, *f_out;
+  int64_t batch, n;
+  const int64_t* offsets;  // tensor boundaries within a row: offsets[0] = 0 ... offsets[S] = n
+  int64_t segments;
+  float exp_mult, nominal;
+};
+
+// The features of one tile from the new accumulators (star.py: STAR.features).
+O4R_INLINE void star_features(vf g, vf p, const vf* m, vf r, const vf* f, vf* x) {
+  const vf rsqrt_r = vrsqrt(r + 1e-6f);
+  x[0] = g;
+  x[1] = p;
+  for (int i = 0; i < 3; ++i) {
+    const vf rsqrt_f = vrsqrt(f[i] + 1e-8f);
+    x[2 + i] = m[i];
+    x[6 + i] = m[i] * rsqrt_r;
+    x[10 + i] = g * vrsqrt(vmax(f[i] + 1e-9f, splat(1e-9f)));
+    x[13 + i] = f[i];
+    x[16 + i] = f[i];
+    x[19 + i] = rsqrt_f;
+    x[22 + i] = rsqrt_f;
+    x[25 + i] = m[i] * vrsqrt(f[i] + 1e-6f);
+  }
+  x[5] = r;
+  x[9] = rsqrt_r;
+}
+
+struct StarTile {
+  vf g, p, m[3], r, f[3];
+};
+
+// A tile's inputs at `start` of a row (n floats per accumulator row), lanes past `end` zero.
+O4R_INLINE int64_t star_load(const float* g, const float* params, const float* m, const float* r,
+                             const float* f, int64_t n, int64_t start, int64_t end, StarTile* t) {
+  const int64_t valid = std::min<int64_t>(kLanes, end - start);
+  if (valid == kLanes) {
+    t->g = load(g + start);
+    t->p = load(params + start);
+    for (int i = 0; i < 3; ++i) t->m[i] = load(m + i * n + start), t->f[i] = load(f + i * n + start);
+    t->r = load(r + start);
+    return valid;
+  }
+  float buf[9][kLanes] = {};
+  for (int64_t l = 0; l < valid; ++l) {
+    buf[0][l] = g[start + l];
+    buf[1][l] = params[start + l];
+    for (int i = 0; i < 3; ++i) buf[2 + i][l] = m[i * n + start + l], buf[5 + i][l] = f[i * n + start + l];
+    buf[8][l] = r[start + l];
+  }
+  t->g = load(buf[0]);
+  t->p = load(buf[1]);
+  for (int i = 0; i < 3; ++i) t->m[i] = load(buf[2 + i]), t->f[i] = load(buf[5 + i]);
+  t->r = load(buf[8]);
+  return valid;
+}
+
+O4R_INLINE void store_part(float* p, vf v, int64_t valid) {
+  if (valid == kLanes) { store(p, v); return; }
+  float buf[kLanes];
+  store(buf, v);
+  for (int64_t l = 0; l < valid; ++l) p[l] = buf[l];
+}
+
+// One work item: `row`, tensor `segment`, coordinates [first, last) of it.
+struct StarItem { int64_t row, segment, first, last; };
+
+void star_pass1(const StarProblem& pr, const StarItem& it, double* sums) {
+  const float* c = pr.coef + it.row * kStarCoef;
+  vf dm[3], df[3];
+  for (int i = 0; i < 3; ++i) dm[i] = splat(c[i]), df[i] = splat(c[4 + i]);
+  const vf dr = splat(c[3]);
+  const int64_t n = pr.n, o1 = it.row * n, o3 = it.row * 3 * n;
+  vf acc[kStarFeatures];
+  for (int k = 0; k < kStarFeatures; ++k) acc[k] = splat(0.0f);
+  for (int64_t start = it.first; start < it.last; start += kLanes) {
+    StarTile t;
+    const int64_t valid = star_load(pr.g + o1, pr.params + o1, pr.m + o3, pr.r + o1, pr.f + o3, n,
+                                    start, it.last, &t);
+    const vf g2 = t.g * t.g;
+    for (int i = 0; i < 3; ++i) {
+      t.m[i] = dm[i] * t.m[i] + (1.0f - dm[i]) * t.g;
+      t.f[i] = df[i] * t.f[i] + (1.0f - df[i]) * (g2 + 1e-30f);
+      store_part(pr.m_out + o3 + i * n + start, t.m[i], valid);
+      store_part(pr.f_out + o3 + i * n + start, t.f[i], valid);
+    }
+    t.r = dr * t.r + (1.0f - dr) * g2;
+    store_part(pr.r_out + o1 + start, t.r, valid);
+    vf x[kStarFeatures];
+    star_features(t.g, t.p, t.m, t.r, t.f, x);
+    if (valid == kLanes) {
+      for (int k = 0; k < kStarFeatures; ++k) acc[k] += x[k] * x[k];
+    } else {
+      vi lane;
+      for (int l = 0; l < kLanes; ++l) lane[l] = l;
+      const vi inside = lane < static_cast<int32_t>(valid);
+      for (int k = 0; k < kStarFeatures; ++k) acc[k] += select(inside, x[k] * x[k], splat(0.0f));
+    }
+  }
+  for (int k = 0; k < kStarFeatures; ++k) {
+    double total = 0.0;
+    for (int l = 0; l < kLanes; ++l) total += acc[k][l];
+    sums[k] = total;
+  }
+}
+
+// w0: the first layer's feature weights with this tensor's scales folded in, [28, 4].
+void star_pass2(const StarProblem& pr, const StarItem& it, const float* w0) {
+  const float* c = pr.coef + it.row * kStarCoef;
+  const float* b0 = c + 7 + kStarFeatures * kStarHidden;
+  const float *w1 = b0 + 4, *b1 = w1 + 16, *w2 = b1 + 4, *b2 = w2 + 8;
+  const vf lr = splat(b2[2]);
+  const int64_t n = pr.n, o1 = it.row * n, o3 = it.row * 3 * n;
+  for (int64_t start = it.first; start < it.last; start += kLanes) {
+    StarTile t;
+    const int64_t valid = star_load(pr.g + o1, pr.params + o1, pr.m_out + o3, pr.r_out + o1,
+                                    pr.f_out + o3, n, start, it.last, &t);
+    vf x[kStarFeatures];
+    star_features(t.g, t.p, t.m, t.r, t.f, x);
+    vf h0[kStarHidden], h1[kStarHidden], out[2];
+    for (int j = 0; j < kStarHidden; ++j) {
+      vf a = w0[j] * x[0];
+#pragma GCC unroll 28
+      for (int k = 1; k < kStarFeatures; ++k) a += w0[k * kStarHidden + j] * x[k];
+      a += b0[j];
+      h0[j] = select(a < 0.0f, splat(0.0f), a);
+    }
+    for (int j = 0; j < kStarHidden; ++j) {
+      vf a = w1[j] * h0[0];
+      for (int k = 1; k < kStarHidden; ++k) a += w1[k * kStarHidden + j] * h0[k];
+      a += b1[j];
+      h1[j] = select(a < 0.0f, splat(0.0f), a);
+    }
+    for (int j = 0; j < 2; ++j) {
+      vf a = w2[j] * h1[0];
+      for (int k = 1; k < kStarHidden; ++k) a += w2[k * 2 + j] * h1[k];
+      out[j] = a + b2[j];
+    }
+    const vf learned = out[0] * vexp(pr.exp_mult * out[1]) * lr;
+    const vf rsqrt_r = vrsqrt(t.r + 1e-6f);
+    const vf adam = (t.m[0] * rsqrt_r + t.m[1] * rsqrt_r + t.m[2] * rsqrt_r) / 3.0f;
+    store_part(pr.delta + o1 + start, -(learned + pr.nominal * adam), valid);
+  }
+}
+
+ffi::Error StarForwardImpl(ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> g,
+                           ffi::Buffer<ffi::F32> params, ffi::Buffer<ffi::F32> m,
+                           ffi::Buffer<ffi::F32> r, ffi::Buffer<ffi::F32> f,
+                           ffi::ResultBuffer<ffi::F32> delta, ffi::ResultBuffer<ffi::F32> m_out,
+                           ffi::ResultBuffer<ffi::F32> r_out, ffi::ResultBuffer<ffi::F32> f_out,
+                           ffi::Span<const int64_t> offsets, float exp_mult, float nominal) {
+  auto dims = g.dimensions();
+  if (dims.size() < 1) return ffi::Error::InvalidArgument("g must be [..., n]");
+  StarProblem pr{};
+  pr.n = dims.back();
+  pr.batch = pr.n == 0 ? 0 : g.element_count() / pr.n;
+  if (coef.element_count() != pr.batch * kStarCoef)
+    return ffi::Error::InvalidArgument("coef must be [..., 154]");
+  if (params.element_count() != pr.batch * pr.n || m.element_count() != 3 * pr.batch * pr.n ||
+      r.element_count() != pr.batch * pr.n || f.element_count() != 3 * pr.batch * pr.n)
+    return ffi::Error::InvalidArgument("the accumulators must be [..., 3|1|3, n]");
+  if (offsets.size() < 2 || offsets.front() != 0 || offsets.back() != pr.n)
+    return ffi::Error::InvalidArgument("offsets must run from 0 to n");
+  for (size_t s = 1; s < offsets.size(); ++s)
+    if (offsets[s] < offsets[s - 1]) return ffi::Error::InvalidArgument("offsets must not decrease");
+  if (pr.batch * pr.n == 0) return ffi::Error::Success();
+  pr.coef = coef.typed_data();
+  pr.g = g.typed_data();
+  pr.params = params.typed_data();
+  pr.m = m.typed_data();
+  pr.r = r.typed_data();
+  pr.f = f.typed_data();
+  pr.delta = delta->typed_data();
+  pr.m_out = m_out->typed_data();
+  pr.r_out = r_out->typed_data();
+  pr.f_out = f_out->typed_data();
+  pr.offsets = offsets.begin();
+  pr.segments = static_cast<int64_t>(offsets.size()) - 1;
+  pr.exp_mult = exp_mult;
+  pr.nominal = nominal;
+
+  // Work items of at most kTilesPerChunk tiles, each within one tensor of one row.
+  constexpr int64_t kItem = kTilesPerChunk * kLanes;
+  std::vector<StarItem> items;
+  for (int64_t row = 0; row < pr.batch; ++row)
+    for (int64_t s = 0; s < pr.segments; ++s)
+      for (int64_t a = pr.offsets[s]; a < pr.offsets[s + 1]; a += kItem)
+        items.push_back({row, s, a, std::min(pr.offsets[s + 1], a + kItem)});
+  const int64_t count = static_cast<int64_t>(items.size());
+  std::vector<double> partial(count * kStarFeatures);
+  Workers::get().run(count, [&](int64_t i) { star_pass1(pr, items[i], &partial[i * kStarFeatures]); });
+
+  // Each tensor's scales, rsqrt(1e-5 + mean of the squared feature), folded into its copy of
+  // the first layer's weights.
+  std::vector<double> sums(pr.batch * pr.segments * kStarFeatures, 0.0);
+  for (int64_t i = 0; i < count; ++i)
+    for (int k = 0; k < kStarFeatures; ++k)
+      sums[(items[i].row * pr.segments + items[i].segment) * kStarFeatures + k] += partial[i * kStarFeatures + k];
+  std::vector<float> w0(pr.batch * pr.segments * kStarFeatures * kStarHidden);
+  for (int64_t row = 0; row < pr.batch; ++row) {
+    const float* w = pr.coef + row * kStarCoef + 7;
+    for (int64_t s = 0; s < pr.segments; ++s) {
+      const int64_t size = pr.offsets[s + 1] - pr.offsets[s];
+      for (int k = 0; k < kStarFeatures; ++k) {
+        const double* total = &sums[(row * pr.segments + s) * kStarFeatures + k];
+        const float mean = static_cast<float>(*total / static_cast<double>(std::max<int64_t>(size, 1)));
+        const float scale = 1.0f / std::sqrt(1e-5f + mean);
+        for (int j = 0; j < kStarHidden; ++j)
+          w0[((row * pr.segments + s) * kStarFeatures + k) * kStarHidden + j] = scale * w[k * kStarHidden + j];
+      }
+    }
+  }
+  Workers::get().run(count, [&](int64_t i) {
+    const StarItem& it = items[i];
+    star_pass2(pr, it, &w0[(it.row * pr.segments + it.segment) * kStarFeatures * kStarHidden]);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Both calls take the architecture as the same attributes (native/__init__.py: kernel_for).
@@ -1184,6 +1419,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SingleBackward, SingleBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(StarForward, StarForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<ffi::Span<const int64_t>>("offsets")
+                                  .Attr<float>("exp_mult")
+                                  .Attr<float>("nominal"));
 
 // The sizes this build supports (both kernels), for the Python side to check before it calls.
 extern "C" int optim4rl_native_supports(int64_t hidden, int64_t head1, int64_t head2) {
