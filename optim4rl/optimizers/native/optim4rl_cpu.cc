@@ -1142,21 +1142,34 @@ struct StarProblem {
   float exp_mult, nominal;
 };
 
-// The features of one tile from the new accumulators (star.py: STAR.features).
+// The features of one tile from the new accumulators (star.py: STAR.features), each distinct
+// one once: STAR's 28 features hold the adafactor accumulators and their rsqrt twice each (as in
+// learned_optimization), and a duplicate has the same statistics, hence the same scale, so its
+// first-layer weights are summed into its twin's (StarForwardImpl). Distinct features, in order:
+// g, params, m[3], r, m·rsqrt(r + 1e-6)[3], rsqrt(r + 1e-6), g·rsqrt(max(f + 1e-9, 1e-9))[3],
+// f[3], rsqrt(f + 1e-8)[3], m·(f + 1e-6)^-1/2[3].
+constexpr int kStarDistinct = 22;
+
+// The original feature (0..27) each of STAR's features is, as a distinct one (0..21).
+O4R_INLINE int star_distinct(int k) {
+  if (k < 16) return k;         // g ... f[3]
+  if (k < 19) return k - 3;     // f[3] again
+  if (k < 22) return k - 3;     // rsqrt(f + 1e-8)[3]
+  if (k < 25) return k - 6;     // the same again
+  return k - 6;                 // m·(f + 1e-6)^-1/2[3]
+}
+
 O4R_INLINE void star_features(vf g, vf p, const vf* m, vf r, const vf* f, vf* x) {
   const vf rsqrt_r = vrsqrt(r + 1e-6f);
   x[0] = g;
   x[1] = p;
   for (int i = 0; i < 3; ++i) {
-    const vf rsqrt_f = vrsqrt(f[i] + 1e-8f);
     x[2 + i] = m[i];
     x[6 + i] = m[i] * rsqrt_r;
     x[10 + i] = g * vrsqrt(vmax(f[i] + 1e-9f, splat(1e-9f)));
     x[13 + i] = f[i];
-    x[16 + i] = f[i];
-    x[19 + i] = rsqrt_f;
-    x[22 + i] = rsqrt_f;
-    x[25 + i] = m[i] * vrsqrt(f[i] + 1e-6f);
+    x[16 + i] = vrsqrt(f[i] + 1e-8f);
+    x[19 + i] = m[i] * vrsqrt(f[i] + 1e-6f);
   }
   x[5] = r;
   x[9] = rsqrt_r;
@@ -1207,8 +1220,8 @@ void star_pass1(const StarProblem& pr, const StarItem& it, double* sums) {
   for (int i = 0; i < 3; ++i) dm[i] = splat(c[i]), df[i] = splat(c[4 + i]);
   const vf dr = splat(c[3]);
   const int64_t n = pr.n, o1 = it.row * n, o3 = it.row * 3 * n;
-  vf acc[kStarFeatures];
-  for (int k = 0; k < kStarFeatures; ++k) acc[k] = splat(0.0f);
+  vf acc[kStarDistinct];
+  for (int k = 0; k < kStarDistinct; ++k) acc[k] = splat(0.0f);
   for (int64_t start = it.first; start < it.last; start += kLanes) {
     StarTile t;
     const int64_t valid = star_load(pr.g + o1, pr.params + o1, pr.m + o3, pr.r + o1, pr.f + o3, n,
@@ -1222,25 +1235,26 @@ void star_pass1(const StarProblem& pr, const StarItem& it, double* sums) {
     }
     t.r = dr * t.r + (1.0f - dr) * g2;
     store_part(pr.r_out + o1 + start, t.r, valid);
-    vf x[kStarFeatures];
+    vf x[kStarDistinct];
     star_features(t.g, t.p, t.m, t.r, t.f, x);
     if (valid == kLanes) {
-      for (int k = 0; k < kStarFeatures; ++k) acc[k] += x[k] * x[k];
+      for (int k = 0; k < kStarDistinct; ++k) acc[k] += x[k] * x[k];
     } else {
       vi lane;
       for (int l = 0; l < kLanes; ++l) lane[l] = l;
       const vi inside = lane < static_cast<int32_t>(valid);
-      for (int k = 0; k < kStarFeatures; ++k) acc[k] += select(inside, x[k] * x[k], splat(0.0f));
+      for (int k = 0; k < kStarDistinct; ++k) acc[k] += select(inside, x[k] * x[k], splat(0.0f));
     }
   }
-  for (int k = 0; k < kStarFeatures; ++k) {
+  for (int k = 0; k < kStarDistinct; ++k) {
     double total = 0.0;
     for (int l = 0; l < kLanes; ++l) total += acc[k][l];
     sums[k] = total;
   }
 }
 
-// w0: the first layer's feature weights with this tensor's scales folded in, [28, 4].
+// w0: the first layer's weights of the distinct features with this tensor's scales folded in,
+// [22, 4].
 void star_pass2(const StarProblem& pr, const StarItem& it, const float* w0) {
   const float* c = pr.coef + it.row * kStarCoef;
   const float* b0 = c + 7 + kStarFeatures * kStarHidden;
@@ -1251,13 +1265,13 @@ void star_pass2(const StarProblem& pr, const StarItem& it, const float* w0) {
     StarTile t;
     const int64_t valid = star_load(pr.g + o1, pr.params + o1, pr.m_out + o3, pr.r_out + o1,
                                     pr.f_out + o3, n, start, it.last, &t);
-    vf x[kStarFeatures];
+    vf x[kStarDistinct];
     star_features(t.g, t.p, t.m, t.r, t.f, x);
     vf h0[kStarHidden], h1[kStarHidden], out[2];
     for (int j = 0; j < kStarHidden; ++j) {
       vf a = w0[j] * x[0];
-#pragma GCC unroll 28
-      for (int k = 1; k < kStarFeatures; ++k) a += w0[k * kStarHidden + j] * x[k];
+#pragma GCC unroll 22
+      for (int k = 1; k < kStarDistinct; ++k) a += w0[k * kStarHidden + j] * x[k];
       a += b0[j];
       h0[j] = select(a < 0.0f, splat(0.0f), a);
     }
@@ -1323,32 +1337,34 @@ ffi::Error StarForwardImpl(ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> g,
       for (int64_t a = pr.offsets[s]; a < pr.offsets[s + 1]; a += kItem)
         items.push_back({row, s, a, std::min(pr.offsets[s + 1], a + kItem)});
   const int64_t count = static_cast<int64_t>(items.size());
-  std::vector<double> partial(count * kStarFeatures);
-  Workers::get().run(count, [&](int64_t i) { star_pass1(pr, items[i], &partial[i * kStarFeatures]); });
+  std::vector<double> partial(count * kStarDistinct);
+  Workers::get().run(count, [&](int64_t i) { star_pass1(pr, items[i], &partial[i * kStarDistinct]); });
 
   // Each tensor's scales, rsqrt(1e-5 + mean of the squared feature), folded into its copy of
-  // the first layer's weights.
-  std::vector<double> sums(pr.batch * pr.segments * kStarFeatures, 0.0);
+  // the first layer's weights (a duplicate feature's weights added to its twin's).
+  std::vector<double> sums(pr.batch * pr.segments * kStarDistinct, 0.0);
   for (int64_t i = 0; i < count; ++i)
-    for (int k = 0; k < kStarFeatures; ++k)
-      sums[(items[i].row * pr.segments + items[i].segment) * kStarFeatures + k] += partial[i * kStarFeatures + k];
-  std::vector<float> w0(pr.batch * pr.segments * kStarFeatures * kStarHidden);
+    for (int k = 0; k < kStarDistinct; ++k)
+      sums[(items[i].row * pr.segments + items[i].segment) * kStarDistinct + k] += partial[i * kStarDistinct + k];
+  std::vector<float> w0(pr.batch * pr.segments * kStarDistinct * kStarHidden, 0.0f);
   for (int64_t row = 0; row < pr.batch; ++row) {
     const float* w = pr.coef + row * kStarCoef + 7;
     for (int64_t s = 0; s < pr.segments; ++s) {
       const int64_t size = pr.offsets[s + 1] - pr.offsets[s];
+      const int64_t base = row * pr.segments + s;
       for (int k = 0; k < kStarFeatures; ++k) {
-        const double* total = &sums[(row * pr.segments + s) * kStarFeatures + k];
-        const float mean = static_cast<float>(*total / static_cast<double>(std::max<int64_t>(size, 1)));
+        const int u = star_distinct(k);
+        const float mean = static_cast<float>(sums[base * kStarDistinct + u] /
+                                              static_cast<double>(std::max<int64_t>(size, 1)));
         const float scale = 1.0f / std::sqrt(1e-5f + mean);
         for (int j = 0; j < kStarHidden; ++j)
-          w0[((row * pr.segments + s) * kStarFeatures + k) * kStarHidden + j] = scale * w[k * kStarHidden + j];
+          w0[(base * kStarDistinct + u) * kStarHidden + j] += scale * w[k * kStarHidden + j];
       }
     }
   }
   Workers::get().run(count, [&](int64_t i) {
     const StarItem& it = items[i];
-    star_pass2(pr, it, &w0[(it.row * pr.segments + it.segment) * kStarFeatures * kStarHidden]);
+    star_pass2(pr, it, &w0[(it.row * pr.segments + it.segment) * kStarDistinct * kStarHidden]);
   });
   return ffi::Error::Success();
 }
