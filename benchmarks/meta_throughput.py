@@ -22,7 +22,7 @@ estimate, which is reported too). Where the fused CPU kernel of Optim4RL's netwo
 
     python benchmarks/meta_throughput.py [--agent a2c|ppo] [--presets big_dense_long-cpu,grid6-cpu] [--agents 8]
         [--iterations-per-chunk 1] [--repeats 3] [--block-size N] [--remat auto|full|none]
-        [--network both|native|jax] [--output PATH]
+        [--optimizer NAME] [--network both|native|jax] [--output PATH]
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ DEFAULT_PRESETS = {"a2c": "big_dense_long-cpu,grid6-cpu", "ppo": "metappo-invert
 
 
 def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats: int,
-            block_size: int | None, remat: str | None = None) -> dict:
+            block_size: int | None, remat: str | None = None, optimizer: str | None = None) -> dict:
     """Rates and memory of meta-training one preset (runs in a fresh process: see `main`)."""
     import jax
     from jax.flatten_util import ravel_pytree
@@ -63,6 +63,8 @@ def measure(preset: str, agents: int | None, iterations_per_chunk: int, repeats:
     data["iterations_per_chunk"] = iterations_per_chunk
     if remat is not None:
         data["remat"] = remat
+    if optimizer is not None:  # another learned optimizer on the preset's tasks
+        data["optimizer"], data["optimizer_options"] = optimizer, {}
     if agents is not None:
         data["num_agents"] = agents
         data["tasks"] = [{k: v for k, v in task.items() if k != "num_agents"} for task in data["tasks"]]
@@ -133,6 +135,9 @@ def main() -> None:
                         help="override optim4rl.optimizers.base.CPU_BLOCK_SIZE (0: no blocking)")
     parser.add_argument("--remat", choices=("auto", "full", "none"), default=None,
                         help="override the preset's meta.remat (default: the preset's, \"auto\")")
+    parser.add_argument("--optimizer", default=None,
+                        help="meta-train this learned optimizer (optim4rl, rlc2024, l2l, lin, star) "
+                             "instead of the preset's")
     parser.add_argument("--network", choices=("both", "native", "jax"), default="both",
                         help="Optim4RL's network as the fused CPU kernel, as plain JAX, or both (the default; "
                              "JAX only where the kernel is not built)")
@@ -147,7 +152,7 @@ def main() -> None:
 
     if args.worker:
         row = measure(args.worker, agents, args.iterations_per_chunk, args.repeats, args.block_size,
-                      args.remat)
+                      args.remat, args.optimizer)
         print(json.dumps(row))
         return
 
@@ -168,6 +173,8 @@ def main() -> None:
             command += ["--block-size", str(args.block_size)]
         if args.remat is not None:
             command += ["--remat", args.remat]
+        if args.optimizer is not None:
+            command += ["--optimizer", args.optimizer]
         env = dict(os.environ, OPTIM4RL_NATIVE="1" if network == "native" else "0")
         proc = subprocess.run(command, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
