@@ -412,3 +412,18 @@ def test_a_non_finite_gradient_makes_its_tensors_star_update_non_finite_as_in_ja
             delta, _ = jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, tx.init(params), params)
         assert np.isnan(np.asarray(delta["a"])).all(), use_native
         assert np.isfinite(np.asarray(delta["b"])).all(), use_native
+
+
+def test_the_kernels_flush_denormals_as_xla_does():
+    # XLA's CPU code flushes denormal results to zero; so do the kernels, on every thread (else a
+    # number would depend on which thread ran its chunk). STAR's second moment of a 1e-20
+    # gradient, 1e-3 · 1e-40, is denormal: zero in both.
+    from optim4rl.optimizers import STAR
+    opt = STAR()
+    params = {"w": jnp.ones((50_000,))}
+    grads = {"w": jnp.full((50_000,), 1e-20)}
+    for use_native in (True, False):
+        with contextlib.nullcontext() if use_native else native.disabled():
+            tx = opt.transform(opt.init_meta(jax.random.key(0)), 1e-3)
+            _, state = jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, tx.init(params), params)
+        assert not np.any(np.asarray(state.rms)), use_native

@@ -37,6 +37,9 @@
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -419,6 +422,18 @@ struct Job {
   }
 };
 
+// Denormals flushed to zero, on inputs and results (MXCSR's FTZ and DAZ bits), as XLA's CPU code
+// runs: a kernel's numbers then do not depend on which thread ran which chunk, and a denormal
+// never takes the slow microcode path. (The workers would inherit the mode of the XLA thread
+// that starts them; this does not rely on it.) The caller's mode is restored when a call returns.
+struct FlushDenormals {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned int saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
 class Workers {
  public:
   static Workers& get() {
@@ -463,6 +478,7 @@ class Workers {
   }
 
   void loop() {
+    const FlushDenormals flush;  // for the life of the worker
     for (;;) {
       std::shared_ptr<Job> job;
       {
@@ -522,6 +538,7 @@ ffi::Error Optim4RLImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g,
                         ffi::ResultBuffer<ffi::F32> direction, ffi::ResultBuffer<ffi::F32> hm_out,
                         ffi::ResultBuffer<ffi::F32> hv_out, int64_t hidden, int64_t head1,
                         int64_t head2, bool raw, float log_eps, float eps, float log_scale) {
+  const FlushDenormals flush;
   auto dims = g.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("g must be [batch, n]");
   Problem pr{phi.typed_data(), g.typed_data(), hm.typed_data(), hv.typed_data(),
@@ -843,6 +860,7 @@ ffi::Error Optim4RLBackwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32>
                                 ffi::ResultBuffer<ffi::F32> dg, ffi::ResultBuffer<ffi::F32> dhm_in,
                                 ffi::ResultBuffer<ffi::F32> dhv_in, int64_t hidden, int64_t head1,
                                 int64_t head2, bool raw, float log_eps, float eps, float log_scale) {
+  const FlushDenormals flush;
   auto dims = g.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("g must be [batch, n]");
   BackwardProblem pr{phi.typed_data(), g.typed_data(), hm.typed_data(), hv.typed_data(),
@@ -1061,6 +1079,7 @@ ffi::Error SingleForwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g,
                              ffi::Buffer<ffi::F32> h, ffi::ResultBuffer<ffi::F32> direction,
                              ffi::ResultBuffer<ffi::F32> h_out, int64_t hidden, int64_t head1,
                              int64_t head2, int64_t rule, float p, float eps) {
+  const FlushDenormals flush;
   auto dims = g.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("g must be [batch, n]");
   SingleProblem pr{};
@@ -1089,6 +1108,7 @@ ffi::Error SingleBackwardImpl(ffi::Buffer<ffi::F32> phi, ffi::Buffer<ffi::F32> g
                               ffi::ResultBuffer<ffi::F32> dg, ffi::ResultBuffer<ffi::F32> dh_in,
                               int64_t hidden, int64_t head1, int64_t head2, int64_t rule, float p,
                               float eps) {
+  const FlushDenormals flush;
   auto dims = g.dimensions();
   if (dims.size() != 2) return ffi::Error::InvalidArgument("g must be [batch, n]");
   SingleProblem pr{};
@@ -1299,6 +1319,7 @@ ffi::Error StarForwardImpl(ffi::Buffer<ffi::F32> coef, ffi::Buffer<ffi::F32> g,
                            ffi::ResultBuffer<ffi::F32> delta, ffi::ResultBuffer<ffi::F32> m_out,
                            ffi::ResultBuffer<ffi::F32> r_out, ffi::ResultBuffer<ffi::F32> f_out,
                            ffi::Span<const int64_t> offsets, float exp_mult, float nominal) {
+  const FlushDenormals flush;
   auto dims = g.dimensions();
   if (dims.size() < 1) return ffi::Error::InvalidArgument("g must be [..., n]");
   StarProblem pr{};
