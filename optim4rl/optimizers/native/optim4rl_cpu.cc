@@ -1112,6 +1112,7 @@ struct Single {
   static constexpr int Out = Rule == kRuleL2L ? 1 : 3;
   static constexpr int kLayers = D1 == 0 ? 1 : 3;
   static constexpr int A = D1 == 0 ? 1 : D1, B = D2 == 0 ? 1 : D2;
+  static constexpr bool kDeferGru = D1 != 0;  // as in Backward
   const float* phi;
   GruWeights cell;
   Layer head[3];
@@ -1167,7 +1168,8 @@ struct Single {
 
   // in: g, h, dd, dh; out: dg, dh_in. φ's cotangent added (lane-wise) to gg and gl.
   O4R_INLINE void backward_tile(const float* const* in, float* const* out, int64_t stride,
-                                const GruGrads& gg, const LayerGrads* gl) const {
+                                const GruGrads& gg, GruFactors<H, I>* q,
+                                HeadFactors<H, D1, D2, Out>* f) const {
     const vf g = load(in[0]);
     vf h[H], h_new[H], r[H], z[H], c[H], hn[H], x[I], a[A], b[B], o[Out];
     vi large;
@@ -1187,8 +1189,9 @@ struct Single {
     }
     vf dnew[H], dx[I], dh[H];
     for (int k = 0; k < H; ++k) dnew[k] = load(in[3] + k * stride);
-    head_out_backward<H, D1, D2, Out>(head, gl, h_new, a, b, dout, dnew);
-    gru_backward<H, I>(cell, gg, x, h, r, z, c, hn, dnew, dx, dh);
+    head_out_backward_deferred<H, D1, D2, Out>(head, f, h_new, a, b, dout, dnew);
+    if constexpr (kDeferGru) gru_backward_deferred<H, I>(cell, q, x, h, r, z, c, hn, dnew, dx, dh);
+    else gru_backward<H, I>(cell, gg, x, h, r, z, c, hn, dnew, dx, dh);
     if constexpr (Rule == kRuleL2L) {
       // d/dg log(|g| + eps) / p = ±1 / (p (|g| + eps)) (+1 at g = 0, as JAX's abs); sign(g) has
       // derivative 0 and e^p · g derivative e^p.
@@ -1208,14 +1211,25 @@ struct Single {
     LayerGrads gl[3];
     for (int l = 0; l < kLayers; ++l) gl[l] = {acc + (head[l].w - phi), acc + (head[l].b - phi)};
     const int64_t n = pr.n, r1 = row * n, rh = row * H * n;
+    GruFactors<H, I> q[kDeferTiles];
+    HeadFactors<H, D1, D2, Out> f[kDeferTiles];
+    int count = 0;
+    auto flush = [&] {  // the weight cotangents of the last `count` tiles (see kDeferTiles)
+      if constexpr (kDeferGru) gru_flush<H, I>(gg, q, count);
+      head_flush<H, D1, D2, Out>(gl, f, count);
+      count = 0;
+    };
     for (int64_t t = first; t < last; ++t) {
+      if (count == kDeferTiles) flush();
       on_tile<H>(n, t * kLanes,
                  std::array<RowsIn, 4>{{{pr.g + r1, 1}, {pr.h + rh, H}, {pr.dd + r1, 1}, {pr.dh + rh, H}}},
                  std::array<RowsOut, 2>{{{pr.dg + r1, 1}, {pr.dh_in + rh, H}}},
                  [&](const float* const* in, float* const* out, int64_t stride) {
-                   backward_tile(in, out, stride, gg, gl);
+                   backward_tile(in, out, stride, gg, &q[count], &f[count]);
                  });
+      ++count;
     }
+    if (count) flush();
   }
 };
 
