@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
 import io
 import json
 import math
@@ -45,16 +46,19 @@ def code_version() -> dict[str, Any]:
         version["git_commit"] = os.environ["OPTIM4RL_GIT_COMMIT"]
         version["git_commit_from"] = "OPTIM4RL_GIT_COMMIT"
     else:
-        version.update(_git_version(_PACKAGE_ROOT.parent))
+        version.update(_git_version(_PACKAGE_ROOT.parent))  # (a copy: the cached dict stays)
     version["jax"] = jax.__version__
     version["backend"] = jax.default_backend()
     version["devices"] = jax.device_count()
     return version
 
 
+@functools.lru_cache(maxsize=None)
 def _git_version(repo: Path) -> dict[str, Any]:
     # Only a source checkout (the package beside the repository's .git) has a commit of its own;
     # an installed wheel inside some other repository (a venv in a clone) must not claim one.
+    # Read once per process: the code a process runs is what it imported, so a commit made while
+    # a long sweep or reproduction runs must not be recorded for its later runs.
     if not (repo / ".git").exists():
         return {}
     try:

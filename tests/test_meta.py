@@ -233,6 +233,32 @@ def test_code_version_names_the_commit_a_copied_tree_came_from(monkeypatch):
     assert "git_dirty" not in version
 
 
+def test_the_recorded_commit_is_the_one_the_process_started_with(tmp_path):
+    # A long sweep or reproduction writes many run records; a commit made meanwhile in the
+    # checkout must not be recorded for runs whose code was imported before it.
+    import shutil
+    import subprocess
+
+    from optim4rl import runs
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+
+    git("init", "-q")
+    (tmp_path / "a").write_text("1")
+    git("add", "a")
+    git("commit", "-qm", "one")
+    first = runs._git_version(tmp_path)
+    (tmp_path / "a").write_text("2")
+    git("commit", "-qam", "two")
+    assert runs._git_version(tmp_path) == first and len(first["git_commit"]) == 40
+
+
 MULTI_DEVICE = textwrap.dedent("""
     import jax, numpy as np
     from optim4rl.meta import MetaConfig, MetaTask, MetaTrainer
