@@ -606,12 +606,13 @@ O4R_INLINE void gru_cached(const GruWeights& p, const vf* x, const vf* h, vf* ou
   }
 }
 
-// Reverse mode through one GRU step: dnew (cotangent of the new state) -> dx, dh; weight
-// cotangents added to gp.
-template <int H, int I>
-O4R_INLINE void gru_backward(const GruWeights& p, const GruGrads& gp, const vf* x, const vf* h,
-                             const vf* r, const vf* z, const vf* c, const vf* hn, const vf* dnew,
-                             vf* dx, vf* dh) {
+// Reverse mode through one GRU step: dnew (cotangent of the new state) -> dx, dh; each unit j's
+// gate cotangents (dr, dz, dc, dn) go to weights(j, dr, dz, dc, dn), which adds (gru_backward) or
+// keeps (gru_backward_deferred) the weight cotangents.
+template <int H, int I, typename W>
+O4R_INLINE void gru_backward_with(const GruWeights& p, const vf* h, const vf* r, const vf* z,
+                                  const vf* c, const vf* hn, const vf* dnew, vf* dx, vf* dh,
+                                  W&& weights) {
   for (int i = 0; i < I; ++i) dx[i] = splat(0.0f);
   for (int k = 0; k < H; ++k) dh[k] = splat(0.0f);
 #pragma GCC unroll 1
@@ -623,6 +624,24 @@ O4R_INLINE void gru_backward(const GruWeights& p, const GruGrads& gp, const vf* 
     const vf dhn = dcp * r[j];
     const vf drp = dcp * hn[j] * r[j] * (1.0f - r[j]);
     const vf dzp = dz * z[j] * (1.0f - z[j]);
+    weights(j, drp, dzp, dcp, dhn);
+    for (int i = 0; i < I; ++i)
+      dx[i] += p.wi[i * 3 * H + j] * drp + p.wi[i * 3 * H + H + j] * dzp +
+               p.wi[i * 3 * H + 2 * H + j] * dcp;
+#pragma GCC unroll 16
+    for (int k = 0; k < H; ++k)
+      dh[k] += p.wh[k * 3 * H + j] * drp + p.wh[k * 3 * H + H + j] * dzp +
+               p.wh[k * 3 * H + 2 * H + j] * dhn;
+  }
+}
+
+// The same, weight cotangents added to gp.
+template <int H, int I>
+O4R_INLINE void gru_backward(const GruWeights& p, const GruGrads& gp, const vf* x, const vf* h,
+                             const vf* r, const vf* z, const vf* c, const vf* hn, const vf* dnew,
+                             vf* dx, vf* dh) {
+  gru_backward_with<H, I>(p, h, r, z, c, hn, dnew, dx, dh,
+                          [&](int j, vf drp, vf dzp, vf dcp, vf dhn) {
     gp.b[j] += drp;
     gp.b[H + j] += dzp;
     gp.b[2 * H + j] += dcp;
@@ -631,18 +650,14 @@ O4R_INLINE void gru_backward(const GruWeights& p, const GruGrads& gp, const vf* 
       gp.wi[i * 3 * H + j] += x[i] * drp;
       gp.wi[i * 3 * H + H + j] += x[i] * dzp;
       gp.wi[i * 3 * H + 2 * H + j] += x[i] * dcp;
-      dx[i] += p.wi[i * 3 * H + j] * drp + p.wi[i * 3 * H + H + j] * dzp +
-               p.wi[i * 3 * H + 2 * H + j] * dcp;
     }
 #pragma GCC unroll 16
     for (int k = 0; k < H; ++k) {
       gp.wh[k * 3 * H + j] += h[k] * drp;
       gp.wh[k * 3 * H + H + j] += h[k] * dzp;
       gp.wh[k * 3 * H + 2 * H + j] += h[k] * dhn;
-      dh[k] += p.wh[k * 3 * H + j] * drp + p.wh[k * 3 * H + H + j] * dzp +
-               p.wh[k * 3 * H + 2 * H + j] * dhn;
     }
-  }
+  });
 }
 
 // Reverse mode through a dense layer: dout -> dx (added), weight cotangents added to gl. The
@@ -780,29 +795,15 @@ template <int H, int I>
 O4R_INLINE void gru_backward_deferred(const GruWeights& p, GruFactors<H, I>* f, const vf* x,
                                       const vf* h, const vf* r, const vf* z, const vf* c,
                                       const vf* hn, const vf* dnew, vf* dx, vf* dh) {
-  for (int i = 0; i < I; ++i) dx[i] = splat(0.0f), f->x[i] = x[i];
-  for (int k = 0; k < H; ++k) dh[k] = splat(0.0f), f->h[k] = h[k];
-#pragma GCC unroll 1
-  for (int j = 0; j < H; ++j) {
-    const vf dc = dnew[j] * (1.0f - z[j]);
-    const vf dz = dnew[j] * (h[j] - c[j]);
-    dh[j] += dnew[j] * z[j];
-    const vf dcp = dc * (1.0f - c[j] * c[j]);
-    const vf dhn = dcp * r[j];
-    const vf drp = dcp * hn[j] * r[j] * (1.0f - r[j]);
-    const vf dzp = dz * z[j] * (1.0f - z[j]);
+  for (int i = 0; i < I; ++i) f->x[i] = x[i];
+  for (int k = 0; k < H; ++k) f->h[k] = h[k];
+  gru_backward_with<H, I>(p, h, r, z, c, hn, dnew, dx, dh,
+                          [&](int j, vf drp, vf dzp, vf dcp, vf dhn) {
     f->dx_gates[j] = f->dh_gates[j] = drp;
     f->dx_gates[H + j] = f->dh_gates[H + j] = dzp;
     f->dx_gates[2 * H + j] = dcp;
     f->dh_gates[2 * H + j] = dhn;
-    for (int i = 0; i < I; ++i)
-      dx[i] += p.wi[i * 3 * H + j] * drp + p.wi[i * 3 * H + H + j] * dzp +
-               p.wi[i * 3 * H + 2 * H + j] * dcp;
-#pragma GCC unroll 16
-    for (int k = 0; k < H; ++k)
-      dh[k] += p.wh[k * 3 * H + j] * drp + p.wh[k * 3 * H + H + j] * dzp +
-               p.wh[k * 3 * H + 2 * H + j] * dhn;
-  }
+  });
 }
 
 template <int H, int I>
